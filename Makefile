@@ -1,0 +1,48 @@
+# Two environments, because MXNet 1.9.1 pins numpy 1.23 while the agent runs on current numpy:
+#   .venv        export stage + agent + dev tools (numpy 1.23.5, MXNet, GluonCV, onnx 1.14)
+#   .venv-agent  agent + dev tools only, no MXNet - what an edge box installs
+PYTHON ?= python3
+VENV := .venv
+AGENT_VENV := .venv-agent
+DEMO_OUT ?= demo-out
+
+.PHONY: help venv agent-venv demo test lint fmt clean
+
+help:
+	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
+	@echo "make test   - lint + the whole test suite (creates .venv and .venv-agent)"
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[export,agent,dev]'
+	touch $@
+
+$(AGENT_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(AGENT_VENV)
+	$(AGENT_VENV)/bin/pip install -q --upgrade pip
+	$(AGENT_VENV)/bin/pip install -q -e '.[agent,dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+agent-venv: $(AGENT_VENV)/.stamp
+
+demo: $(VENV)/.stamp $(AGENT_VENV)/.stamp
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python \
+		bash deploy/demo.sh $(DEMO_OUT)
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check agent export tests
+	$(VENV)/bin/ruff format --check agent export tests
+
+fmt: $(VENV)/.stamp
+	$(VENV)/bin/ruff format agent export tests
+	$(VENV)/bin/ruff check --fix agent export tests
+
+# The agent suite runs twice: inside the full env, and in the MXNet-free agent env on current numpy.
+test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
+	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python $(VENV)/bin/python -m pytest -q
+	$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent
+
+clean:
+	rm -rf $(VENV) $(AGENT_VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,87 @@
+"""Opening a model bundle (folder or .tar.gz) and proving its files are the ones the manifest names."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.bundle.manifest import BundleManifest, FileRef
+from agent.errors import BundleError
+
+logger = logging.getLogger(__name__)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A bundle folder whose files all matched their sha256."""
+
+    root: Path
+    manifest: BundleManifest
+
+    def path(self, ref: FileRef) -> Path:
+        return self.root / ref.path
+
+
+def resolve_inside(root: Path, ref: FileRef) -> Path:
+    """The file's path, refusing names that escape the bundle folder."""
+    path = (root / ref.path).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: manifest names {ref.path!r}, which lies outside the bundle")
+    return path
+
+
+def verify_files(root: Path, manifest: BundleManifest) -> None:
+    """Raise BundleError naming every missing or tampered file."""
+    problems: list[str] = []
+    for ref in manifest.files():
+        path = resolve_inside(root, ref)
+        if not path.is_file():
+            problems.append(f"{ref.path}: missing")
+            continue
+        actual = sha256_file(path)
+        if actual != ref.sha256:
+            problems.append(f"{ref.path}: sha256 is {actual}, manifest says {ref.sha256}")
+    if problems:
+        raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
+
+
+def _extract(archive: Path) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="lineside-bundle-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(target, filter="data")  # 'data' refuses absolute paths, links out, devices
+    except (tarfile.TarError, OSError) as err:
+        raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
+    entries = [p for p in target.iterdir()]
+    # Archives hold one top-level folder; accept a flat archive too.
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+
+
+def load_bundle(location: Path, *, verify: bool = True) -> LoadedBundle:
+    """Open a bundle folder or .tar.gz and verify every file's sha256."""
+    location = Path(location)
+    if not location.exists():
+        raise BundleError(f"{location}: bundle not found")
+    root = _extract(location) if location.is_file() else location
+    manifest = BundleManifest.read(root)
+    if verify:
+        verify_files(root, manifest)
+    logger.info(
+        "bundle %s version %s verified (%d files)",
+        manifest.bundle_id,
+        manifest.version,
+        len(manifest.files()),
+    )
+    return LoadedBundle(root, manifest)

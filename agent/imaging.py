@@ -1,0 +1,119 @@
+"""Decoding X-ray images safely: 8/16-bit grey PNG, TIFF, JPEG, with size limits.
+
+Used by the agent's sources and by the export stage's dataset readers, so training, evaluation and
+the device read pixels the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.errors import ImageDecodeError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8k x 8k: far beyond any detector panel, well below a bomb
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG header without decoding; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    return None
+
+
+def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            pixels = int(np.prod(page.shape[:2]))
+            if pixels > max_pixels:
+                raise ImageDecodeError(
+                    "too_large", f"{name}: image of {page.shape} has {pixels} pixels, limit is {max_pixels}"
+                )
+            return np.asarray(page.asarray())
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise ImageDecodeError("decode_failed", f"{name}: not a readable TIFF ({err})") from err
+
+
+def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to a 2-D uint8 or uint16 grey array.
+
+    Colour images are converted to grey only when all channels are equal (a grey image saved as RGB);
+    a real colour image is refused, since X-ray detectors deliver grey. Raises ImageDecodeError with
+    a stable code: empty, too_large, decode_failed, bad_channels, bad_dtype.
+    """
+    if not data:
+        raise ImageDecodeError("empty", f"{name}: file is empty (0 bytes)")
+    size = _header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"{name}: image of {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels}"
+        )
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        image = _decode_tiff(data, name, max_pixels)
+    else:
+        buffer = np.frombuffer(data, dtype=np.uint8)
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageDecodeError(
+                "decode_failed", f"{name}: not a decodable PNG/TIFF/JPEG image or truncated"
+            )
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            image = image[:, :, 0]
+        elif channels in (3, 4):
+            colour = image[:, :, :3]
+            if not (
+                np.array_equal(colour[:, :, 0], colour[:, :, 1])
+                and np.array_equal(colour[:, :, 0], colour[:, :, 2])
+            ):
+                raise ImageDecodeError(
+                    "bad_channels",
+                    f"{name}: expected a grey X-ray image, found {channels} distinct colour channels",
+                )
+            image = colour[:, :, 0]
+        else:
+            raise ImageDecodeError("bad_channels", f"{name}: expected 1 channel, found {channels}")
+    elif image.ndim != 2:
+        raise ImageDecodeError("bad_channels", f"{name}: expected a 2-D image, found shape {image.shape}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ImageDecodeError("bad_dtype", f"{name}: expected 8- or 16-bit pixels, found {image.dtype}")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageDecodeError("too_large", f"{name}: image of {image.shape} exceeds {max_pixels} pixels")
+    if min(image.shape) < 8:
+        raise ImageDecodeError("too_small", f"{name}: image of {image.shape} is too small to inspect")
+    return np.ascontiguousarray(image)
+
+
+def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image file (see decode_image)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageDecodeError("unreadable", f"{path}: cannot read file ({err.strerror})") from err
+    return decode_image(data, str(path), max_pixels=max_pixels)
+
+
+def to_unit_range(image: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
+    """Map uint8/uint16 pixels to float32 in [0, 1]. `bits_stored` handles 12-bit data in 16-bit words."""
+    if image.dtype == np.uint8:
+        full = 255.0
+    elif image.dtype == np.uint16:
+        full = float(2 ** (bits_stored or 16) - 1)
+    else:
+        raise ImageDecodeError("bad_dtype", f"expected uint8 or uint16 pixels, found {image.dtype}")
+    out = image.astype(np.float32) * np.float32(1.0 / full)
+    if image.dtype == np.uint16 and bits_stored and bits_stored < 16:
+        np.minimum(out, 1.0, out=out)
+    return out

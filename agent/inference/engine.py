@@ -1,0 +1,342 @@
+"""The inference engine: a verified bundle, ONNX Runtime sessions, and the bundle's decision rule.
+
+This is the code the agent runs on every frame and the code `lineside-export evaluate` scores, so
+evaluation figures describe exactly what the device does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.bundle.loader import LoadedBundle, load_bundle
+from agent.bundle.manifest import BundleManifest, ModelSpec, Preprocessing, SSDPost, Thresholds, VAEPost
+from agent.errors import BundleError, InferenceError
+from agent.imaging import read_image
+from agent.inference import postprocess as post
+from agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
+from agent.inference.types import Detection, ModelOutputs, Prediction
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+DEFAULT_PROVIDERS = ["tensorrt", "cuda", "cpu"]
+
+
+def provider_list(
+    names: list[str], *, device_id: int, trt_fp16: bool, trt_cache_dir: Path | None
+) -> list[str | tuple[str, dict[str, object]]]:
+    """ONNX Runtime provider entries for the configured order, keeping those this build offers."""
+    available = set(ort.get_available_providers())
+    out: list[str | tuple[str, dict[str, object]]] = []
+    for name in names:
+        if name not in PROVIDERS:
+            raise InferenceError(f"unknown execution provider {name!r}; expected one of {sorted(PROVIDERS)}")
+        full = PROVIDERS[name]
+        if full not in available:
+            continue
+        if name == "tensorrt":
+            options: dict[str, object] = {"device_id": device_id, "trt_fp16_enable": trt_fp16}
+            if trt_cache_dir is not None:
+                trt_cache_dir.mkdir(parents=True, exist_ok=True)
+                options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)}
+            out.append((full, options))
+        elif name == "cuda":
+            out.append((full, {"device_id": device_id}))
+        else:
+            out.append(full)
+    if not out:
+        raise InferenceError(
+            f"none of the providers {names} is available; this build offers {sorted(available)}"
+        )
+    return out
+
+
+class _Runner:
+    """One ONNX Runtime session with I/O binding onto reused output buffers."""
+
+    def __init__(self, spec: ModelSpec, path: Path, providers: list, options: ort.SessionOptions) -> None:
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise InferenceError(f"{path}: ONNX Runtime cannot load the {spec.kind} model ({err})") from err
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        expected = [o.name for o in spec.outputs]
+        if inputs != [spec.input.name] or outputs != expected:
+            raise BundleError(
+                f"{path}: graph has inputs {inputs} / outputs {outputs}, manifest says "
+                f"[{spec.input.name!r}] / {expected}"
+            )
+        self.binding = self.session.io_binding()
+        self._outputs: dict[int, list[np.ndarray]] = {}
+
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def _output_buffers(self, n: int) -> list[np.ndarray]:
+        bufs = self._outputs.get(n)
+        if bufs is None:
+            bufs = []
+            for out in self.spec.outputs:
+                shape = [n if d == -1 else d for d in out.shape]
+                bufs.append(np.empty(shape, dtype=np.dtype(out.dtype)))
+            self._outputs[n] = bufs
+        return bufs
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run on `batch`; returned arrays are reused by the next call with the same batch size."""
+        bufs = self._output_buffers(batch.shape[0])
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input(self.spec.input.name, batch)
+        for out, buf in zip(self.spec.outputs, bufs, strict=True):
+            binding.bind_output(out.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return bufs
+
+
+class InferenceEngine:
+    """Runs a bundle's models on one image at a time and applies its decision rule."""
+
+    def __init__(
+        self,
+        bundle: LoadedBundle,
+        *,
+        providers: list[str] | None = None,
+        device_id: int = 0,
+        require_gpu: bool = False,
+        trt_cache_dir: Path | None = None,
+        trt_fp16: bool = True,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest: BundleManifest = bundle.manifest
+        names = providers or DEFAULT_PROVIDERS
+        entries = provider_list(names, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        wants_gpu = any((e[0] if isinstance(e, tuple) else e) in GPU_PROVIDERS for e in entries)
+        if wants_gpu and not require_gpu:
+            # A GPU build without CUDA libraries logs an error per session before falling back;
+            # we report the fallback once ourselves instead.
+            ort.set_default_logger_severity(4)
+        try:
+            self._runners = {
+                kind: _Runner(spec, bundle.path(spec.file), entries, options)
+                for kind, spec in self.manifest.models.items()
+            }
+        finally:
+            ort.set_default_logger_severity(2)
+        in_use: list[str] = []
+        for runner in self._runners.values():
+            for p in runner.providers():
+                if p not in in_use:
+                    in_use.append(p)
+        self.providers_in_use = in_use
+        if require_gpu and not GPU_PROVIDERS & set(in_use):
+            raise InferenceError(
+                f"require_gpu is set but no GPU provider could be used (asked for {names}, got {in_use}); "
+                "check the NVIDIA driver, CUDA 13 and cuDNN 9 libraries"
+            )
+        if wants_gpu and not GPU_PROVIDERS & set(in_use):
+            logger.warning("no GPU execution provider could be used; running on CPU (%s)", ", ".join(in_use))
+        self._builders: dict[Preprocessing, BatchBuilder] = {}
+        self._anchors: np.ndarray | None = None
+        ssd = self.manifest.models.get("ssd")
+        if ssd is not None:
+            assert isinstance(ssd.postprocessing, SSDPost)
+            self._anchors = np.load(bundle.path(ssd.postprocessing.anchors)).astype(np.float32)
+        self.warm_up()
+
+    @classmethod
+    def load(
+        cls,
+        bundle: Path,
+        *,
+        providers: list[str] | None = None,
+        device_id: int = 0,
+        require_gpu: bool = False,
+        trt_cache_dir: Path | None = None,
+        trt_fp16: bool = True,
+        verify_golden: bool = True,
+        intra_op_threads: int = 0,
+    ) -> InferenceEngine:
+        """Verify a bundle (sha256 of every file), create sessions, warm up, check golden images."""
+        engine = cls(
+            load_bundle(Path(bundle)),
+            providers=providers,
+            device_id=device_id,
+            require_gpu=require_gpu,
+            trt_cache_dir=trt_cache_dir,
+            trt_fp16=trt_fp16,
+            intra_op_threads=intra_op_threads,
+        )
+        if verify_golden:
+            engine.check_golden()
+        logger.info(
+            "bundle %s version %s ready on %s",
+            engine.manifest.bundle_id,
+            engine.manifest.version,
+            ", ".join(engine.providers_in_use),
+        )
+        return engine
+
+    def close(self) -> None:
+        self._runners.clear()
+
+    # -- per frame -------------------------------------------------------------------------------
+
+    def _builder(self, prep: Preprocessing) -> BatchBuilder:
+        builder = self._builders.get(prep)
+        if builder is None:
+            builder = self._builders[prep] = BatchBuilder(prep)
+        return builder
+
+    def analyze(self, image: np.ndarray, bits_stored: int | None = None) -> ModelOutputs:
+        """Run every model; threshold-free outputs (what calibration and evaluation sweep over)."""
+        if image.ndim != 2:
+            raise InferenceError(f"expected a 2-D grey image, got shape {image.shape}")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        h, w = image.shape
+        # Models that share preprocessing share the windowed image and the batch.
+        units: dict[tuple[float, float], np.ndarray] = {}
+        batches: dict[Preprocessing, tuple[np.ndarray, Layout, np.ndarray]] = {}
+
+        def batch_for(prep: Preprocessing) -> tuple[np.ndarray, Layout, np.ndarray]:
+            cached = batches.get(prep)
+            if cached is None:
+                unit = units.get(prep.window)
+                if unit is None:
+                    unit = units[prep.window] = windowed(image, prep, bits_stored)
+                layout = layout_for((h, w), prep)
+                cached = batches[prep] = (self._builder(prep).build(unit, layout), layout, unit)
+            return cached
+
+        results: dict[str, object] = {"height": h, "width": w}
+        pre_ms = 0.0
+        for kind, runner in self._runners.items():
+            spec = runner.spec
+            tp = time.perf_counter()
+            batch, layout, unit = batch_for(spec.preprocessing)
+            tr = time.perf_counter()
+            pre_ms += (tr - tp) * 1000
+            try:
+                outputs = runner.run(batch)
+            except Exception as err:
+                raise InferenceError(f"{kind} model failed on a {w}x{h} image: {err}") from err
+            tq = time.perf_counter()
+            tile_hw = spec.preprocessing.input_size
+            if kind == "classifier":
+                probs = outputs[0]
+                results["classifier_score"] = float(probs[:, spec.postprocessing.positive_index].max())
+            elif kind == "vae":
+                assert isinstance(spec.postprocessing, VAEPost)
+                amap = post.vae_anomaly_map(unit, outputs[0], spec.postprocessing, layout, tile_hw)
+                results["vae_map"] = amap
+                results["vae_score"] = post.image_score_from_map(
+                    amap, spec.postprocessing.image_score_quantile
+                )
+            elif kind == "ssd":
+                assert isinstance(spec.postprocessing, SSDPost) and self._anchors is not None
+                boxes, scores = post.ssd_detections(
+                    outputs[0], outputs[1], self._anchors, spec.postprocessing, layout, tile_hw
+                )
+                results["ssd_boxes"], results["ssd_scores"] = boxes, scores
+            te = time.perf_counter()
+            timings[kind] = (tq - tr) * 1000
+            timings[f"{kind}_post"] = (te - tq) * 1000
+        timings["preprocess"] = pre_ms
+        timings["models_total"] = (time.perf_counter() - t0) * 1000
+        return ModelOutputs(timings_ms=timings, **results)  # type: ignore[arg-type]
+
+    def decide(self, out: ModelOutputs, thresholds: Thresholds | None = None) -> Prediction:
+        """Apply thresholds and the decision rule to raw outputs."""
+        t0 = time.perf_counter()
+        th = thresholds or self.manifest.thresholds
+        rule = self.manifest.decision
+        scores: dict[str, float] = {}
+        calibrated: dict[str, float] = {}
+        boxes: list[Detection] = []
+        if out.classifier_score is not None:
+            scores["classifier"] = out.classifier_score
+            calibrated["classifier"] = post.calibrated_score(out.classifier_score, th.classifier)
+        if out.ssd_scores is not None and "ssd" in self._runners:
+            keep = out.ssd_scores >= th.ssd_score
+            top = float(out.ssd_scores.max()) if out.ssd_scores.size else 0.0
+            scores["ssd"] = top
+            calibrated["ssd"] = post.calibrated_score(top, th.ssd_score)
+            if "ssd" in rule.report_boxes_from:
+                boxes += [
+                    Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "ssd")
+                    for b, s in zip(out.ssd_boxes[keep], out.ssd_scores[keep], strict=True)
+                ]
+        if out.vae_map is not None and out.vae_score is not None:
+            scores["vae"] = out.vae_score
+            calibrated["vae"] = post.calibrated_score(out.vae_score, th.vae_image)
+            if "vae" in rule.report_boxes_from and out.vae_score >= th.vae_image:
+                vb, vs = post.vae_boxes(out.vae_map, th.vae_pixel, th.vae_min_area)
+                boxes += [
+                    Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "vae")
+                    for b, s in zip(vb, vs, strict=True)
+                ]
+        members = [k for k in rule.defective_if_any if k in calibrated]
+        fired = tuple(k for k in members if calibrated[k] >= 0.5)
+        score = max((calibrated[k] for k in members), default=0.0)
+        timings = dict(out.timings_ms)
+        timings["decide"] = (time.perf_counter() - t0) * 1000
+        return Prediction(
+            is_defective=bool(fired),
+            score=float(score),
+            boxes=tuple(boxes),
+            model_scores=scores,
+            fired=fired,
+            timings_ms=timings,
+        )
+
+    def predict(self, image: np.ndarray, bits_stored: int | None = None) -> Prediction:
+        """Inspect one 2-D uint8/uint16 image."""
+        return self.decide(self.analyze(image, bits_stored))
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Run each model once so first-frame latency does not include lazy initialisation."""
+        h, w = 0, 0
+        for spec in self.manifest.models.values():
+            th, tw = spec.preprocessing.input_size
+            h, w = max(h, th), max(w, tw)
+        self.analyze(np.zeros((h, w), np.uint8))
+
+    def check_golden(self, tolerance_scale: float = 1.0) -> None:
+        """Prove the bundle reproduces its recorded outputs on its golden images."""
+        problems: list[str] = []
+        for golden in self.manifest.golden:
+            image = read_image(self.bundle.path(golden.file))
+            prediction = self.predict(image)
+            for kind, expected in golden.expected_scores.items():
+                actual = prediction.model_scores.get(kind)
+                tol = golden.score_tolerance * tolerance_scale * max(1.0, abs(expected))
+                if actual is None or abs(actual - expected) > tol:
+                    problems.append(
+                        f"{golden.file.path}: {kind} score {actual} != expected {expected} ± {tol:g}"
+                    )
+            if prediction.is_defective != golden.expected_is_defective:
+                problems.append(
+                    f"{golden.file.path}: decision {prediction.is_defective} != {golden.expected_is_defective}"
+                )
+        if problems:
+            raise BundleError("golden-image check failed: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""lineside export stage: train in MXNet Gluon, export verified ONNX, pack model bundles."""

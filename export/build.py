@@ -1,0 +1,357 @@
+"""`lineside-export build`: training runs -> verified ONNX -> calibrated thresholds -> model bundle.
+
+Everything is written into a temporary folder beside the target and renamed at the very end, so a
+failed build never leaves a valid-looking bundle behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import platform
+import shutil
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+
+from agent.bundle.loader import LoadedBundle, sha256_file, verify_files
+from agent.bundle.manifest import (
+    BundleManifest,
+    ClassifierPost,
+    DatasetSummary,
+    DecisionRule,
+    FileRef,
+    GoldenImage,
+    ModelSpec,
+    Preprocessing,
+    SSDPost,
+    Thresholds,
+    VAEPost,
+)
+from agent.errors import ExportError, ParityError
+from agent.imaging import read_image
+from agent.inference import postprocess
+from agent.inference.engine import InferenceEngine
+from agent.inference.preprocess import BatchBuilder, layout_for, windowed
+from agent.inference.types import ModelOutputs
+from export import metrics
+from export.data.base import Dataset, Sample
+from export.onnx_export import check_parity, export_block
+from export.train import PARAMS_FILE, read_run
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = {
+    "classifier": ["probabilities"],
+    "vae": ["reconstruction"],
+    "ssd": ["class_probs", "box_deltas"],
+}
+# Max |MXNet - ONNX Runtime| allowed per output (float32 graphs on CPU agree to ~1e-5).
+TOLERANCE = {"probabilities": 1e-4, "reconstruction": 1e-4, "class_probs": 1e-4, "box_deltas": 1e-3}
+PARITY_IMAGES = 4
+
+
+@dataclass
+class BuildOptions:
+    out: Path
+    calib: Dataset
+    vae: Path | None = None
+    ssd: Path | None = None
+    classifier: Path | None = None
+    version: str | None = None
+    force: bool = False
+    dataset_summary: DatasetSummary | None = None
+
+
+def _file_ref(root: Path, path: Path) -> FileRef:
+    return FileRef(path=path.relative_to(root).as_posix(), sha256=sha256_file(path))
+
+
+def _real_batches(samples: list[Sample], prep: Preprocessing) -> list[np.ndarray]:
+    """Model-input batches cut from real calibration images, through the agent's preprocessing."""
+    builder = BatchBuilder(prep)
+    out = []
+    for sample in samples[:PARITY_IMAGES]:
+        image = sample.load()
+        unit = windowed(image, prep)
+        out.append(builder.build(unit, layout_for(image.shape, prep)).copy())
+    return out
+
+
+def _load_net(kind: str, run: Path, record: dict[str, Any]) -> tuple[mx.gluon.HybridBlock, mx.gluon.HybridBlock, str]:
+    """(trained network, its export view, architecture name)."""
+    arch = record["architecture"]
+    params = str(run / PARAMS_FILE)
+    if kind == "ssd":
+        from export.models.ssd import PRESETS, SSDRawHeads, build_ssd
+
+        net = build_ssd(PRESETS[arch["preset"]])
+        net.load_parameters(params, ctx=mx.cpu())
+        return net, SSDRawHeads(net), f"ssd {arch['preset']}"
+    if kind == "classifier":
+        from export.models.classifier import ClassifierExport, build_classifier
+
+        net = build_classifier(arch["backbone"])
+        net.load_parameters(params, ctx=mx.cpu())
+        return net, ClassifierExport(net), f"classifier {arch['backbone']} tiles, max aggregation"
+    from export.models.vae import ConvVAE, VAEExport
+
+    net = ConvVAE(latent_channels=arch["latent_channels"], width=arch["width"])
+    net.load_parameters(params, ctx=mx.cpu())
+    return net, VAEExport(net), f"conv-vae width {arch['width']} latent {arch['latent_channels']}"
+
+
+def _ssd_detection_parity(
+    net, batches: list[np.ndarray], onnx_path: Path, anchors: np.ndarray, post: SSDPost
+) -> tuple[int, int]:
+    """Our decode + NMS on the ONNX heads must reproduce GluonCV's own detections (score >= 0.2).
+
+    Returns (compared, unmatched). Near-equal scores can reorder NMS, so up to 1% may differ.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    compared = unmatched = 0
+    example = ""
+    for batch in batches:
+        ids, scores, boxes = (o.asnumpy() for o in net(mx.nd.array(batch)))
+        probs, deltas = session.run(None, {INPUT_NAME: batch})
+        th, tw = batch.shape[2:]
+        for i in range(batch.shape[0]):
+            ours_b, ours_s = postprocess.decode_ssd_tile(probs[i], deltas[i], anchors, post, (th, tw))
+            keep = (ids[i, :, 0] >= 0) & (scores[i, :, 0] >= 0.2)
+            ref_b = boxes[i][keep].copy()
+            ref_b[:, [0, 2]] = np.clip(ref_b[:, [0, 2]], 0, tw)
+            ref_b[:, [1, 3]] = np.clip(ref_b[:, [1, 3]], 0, th)
+            for rb, rs in zip(ref_b, scores[i][keep][:, 0], strict=True):
+                compared += 1
+                iou = metrics.box_iou(rb[None], ours_b)[0] if len(ours_b) else np.zeros(0)
+                if not (iou.size and np.any((iou > 0.98) & (np.abs(ours_s - rs) < 1e-3))):
+                    unmatched += 1
+                    example = f"{rb.round(1).tolist()} score {rs:.4f}"
+    if unmatched > 0.01 * max(compared, 1):
+        raise ParityError(
+            f"{onnx_path.name}: {unmatched} of {compared} GluonCV detections have no counterpart in the "
+            f"ONNX heads + lineside decode (e.g. {example})"
+        )
+    return compared, unmatched
+
+
+def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> ModelSpec:
+    record = read_run(run, kind)
+    prep = Preprocessing.model_validate(record["preprocessing"])
+    net, view, arch = _load_net(kind, run, record)
+    th, tw = prep.input_size
+    onnx_path = tmp / f"{kind}.onnx"
+    input_spec, outputs = export_block(view, (1, prep.channels, th, tw), onnx_path, INPUT_NAME, OUTPUT_NAMES[kind])
+    batches = _real_batches(calib, prep)
+    parity = check_parity(view, onnx_path, INPUT_NAME, batches, {n: TOLERANCE[n] for n in OUTPUT_NAMES[kind]})
+    post: ClassifierPost | VAEPost | SSDPost
+    if kind == "ssd":
+        from export.models.ssd import anchors_of
+
+        anchors = anchors_of(net, th, mx.cpu()).asnumpy().astype(np.float32)
+        anchor_path = tmp / "ssd_anchors.npy"
+        np.save(anchor_path, anchors)
+        post = SSDPost(anchors=_file_ref(tmp, anchor_path))
+        net.hybridize()
+        compared, unmatched = _ssd_detection_parity(net, batches, onnx_path, anchors, post)
+        parity = parity.model_copy(
+            update={"detections_compared": compared, "detections_unmatched": unmatched}
+        )
+    elif kind == "vae":
+        post = VAEPost()
+    else:
+        post = ClassifierPost()
+    from agent.bundle.manifest import TrainingSummary
+
+    return ModelSpec(
+        kind=kind,  # type: ignore[arg-type]
+        file=_file_ref(tmp, onnx_path),
+        architecture=arch,
+        input=input_spec,
+        outputs=outputs,
+        preprocessing=prep,
+        postprocessing=post,
+        training=TrainingSummary.model_validate(record["training"]),
+        parity=parity,
+    )
+
+
+def _evals(outputs: list[ModelOutputs], samples: list[Sample], kind: str, th: Thresholds) -> list[metrics.ImageEval]:
+    """Per-image evaluation records of one localisation model at the given thresholds."""
+    out = []
+    for o, s in zip(outputs, samples, strict=True):
+        gt = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in s.boxes], np.float32).reshape(-1, 4)
+        if kind == "ssd":
+            boxes, scores = o.ssd_boxes, o.ssd_scores
+            decision = bool(np.any(scores >= th.ssd_score))
+            score = float(scores.max()) if scores.size else 0.0
+        else:
+            assert o.vae_map is not None and o.vae_score is not None
+            decision = o.vae_score >= th.vae_image
+            boxes, scores = (
+                postprocess.vae_boxes(o.vae_map, th.vae_pixel, th.vae_min_area)
+                if decision
+                else (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+            )
+            score = o.vae_score
+        out.append(
+            metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), decision, score)
+        )
+    return out
+
+
+def calibrate(outputs: list[ModelOutputs], samples: list[Sample], kinds: list[str]) -> tuple[Thresholds, DecisionRule, dict[str, Any]]:
+    """Thresholds maximising F1 on the held-out (validation) images, and the best decision rule."""
+    labels = np.asarray([bool(s.label) for s in samples])
+    figures: dict[str, Any] = {"images": len(samples), "defective": int(labels.sum())}
+    th = Thresholds()
+    if "classifier" in kinds:
+        scores = np.asarray([o.classifier_score for o in outputs], np.float64)
+        t, f1 = metrics.best_f1_threshold(scores, labels)
+        th = th.model_copy(update={"classifier": float(t)})
+        figures["classifier"] = {"threshold": float(t), "image_f1": f1}
+    if "ssd" in kinds:
+        evals = _evals(outputs, samples, "ssd", th)
+        t, f1 = metrics.best_box_threshold(evals)
+        th = th.model_copy(update={"ssd_score": float(max(t, 0.05))})
+        figures["ssd"] = {"threshold": th.ssd_score, "avg_image_f1": f1}
+    if "vae" in kinds:
+        scores = np.asarray([o.vae_score for o in outputs], np.float64)
+        t_img, f1_img = metrics.best_f1_threshold(scores, labels)
+        th = th.model_copy(update={"vae_image": float(t_img)})
+        maps = np.concatenate([o.vae_map.ravel()[::97] for o in outputs if o.vae_map is not None])
+        candidates = np.quantile(maps, [0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999])
+        best = (-1.0, float(candidates[0]), 16)
+        for pixel, area in itertools.product(candidates, (4, 16, 36, 64, 100)):
+            trial = th.model_copy(update={"vae_pixel": float(pixel), "vae_min_area": int(area)})
+            evals = _evals(outputs, samples, "vae", trial)
+            f1 = float(np.mean([e.f1() for e in evals]))
+            if f1 > best[0]:
+                best = (f1, float(pixel), int(area))
+        th = th.model_copy(update={"vae_pixel": best[1], "vae_min_area": best[2]})
+        figures["vae"] = {"image_threshold": t_img, "image_f1": f1_img, "pixel_threshold": best[1],
+                          "min_area": best[2], "avg_image_f1": best[0]}
+    # Decision rule: the subset of models (OR-ed) with the best validation image F1.
+    fires = {
+        "classifier": lambda o: o.classifier_score >= th.classifier,
+        "ssd": lambda o: bool(np.any(o.ssd_scores >= th.ssd_score)),
+        "vae": lambda o: o.vae_score >= th.vae_image,
+    }
+    rules: dict[str, float] = {}
+    best_rule, best_f1 = [kinds[0]], -1.0
+    for r in range(1, len(kinds) + 1):
+        for combo in itertools.combinations(kinds, r):
+            decisions = np.asarray([any(fires[k](o) for k in combo) for o in outputs])
+            f1 = metrics.image_level(labels, decisions)["f1"]
+            rules["+".join(combo)] = f1
+            if f1 > best_f1 + 1e-9:
+                best_rule, best_f1 = list(combo), f1
+    figures["decision_rules_image_f1"] = rules
+    figures["decision_rule"] = best_rule
+    return th, DecisionRule(defective_if_any=best_rule, report_boxes_from=[k for k in ("ssd", "vae") if k in kinds]), figures
+
+
+def _golden(tmp: Path, engine: InferenceEngine, seed: int = 7) -> list[GoldenImage]:
+    """A few synthetic radiographs (never GDXray: its terms forbid redistribution) with expected outputs."""
+    from export.synth import generate
+
+    golden_dir = tmp / "golden"
+    with tempfile.TemporaryDirectory(prefix="lineside-golden-") as work:
+        generate(Path(work), images=3, seed=seed, size=(286, 384), defect_free_share=0.34, images_per_series=3)
+        golden_dir.mkdir()
+        for png in sorted(Path(work).rglob("*.png")):
+            shutil.copy2(png, golden_dir / png.name)
+    out = []
+    for png in sorted(golden_dir.glob("*.png")):
+        prediction = engine.predict(read_image(png))
+        out.append(
+            GoldenImage(
+                file=_file_ref(tmp, png),
+                expected_scores=prediction.model_scores,
+                expected_is_defective=prediction.is_defective,
+                expected_boxes=len(prediction.boxes),
+            )
+        )
+    return out
+
+
+def _exporter_versions() -> dict[str, str]:
+    import gluoncv
+    import onnx
+    import onnxruntime
+
+    from agent import __version__
+
+    return {
+        "lineside": __version__,
+        "mxnet": mx.__version__,
+        "gluoncv": gluoncv.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_bundle(opts: BuildOptions) -> Path:
+    """Export, verify, calibrate and pack. Returns the bundle folder; `<out>.tar.gz` is written too."""
+    runs = {k: v for k, v in (("classifier", opts.classifier), ("vae", opts.vae), ("ssd", opts.ssd)) if v}
+    if not runs:
+        raise ExportError("build needs at least one of --classifier, --vae, --ssd")
+    out = Path(opts.out)
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    calib = [s for s in opts.calib.samples if s.annotated]
+    if not calib:
+        raise ExportError(f"{opts.calib.root}: no annotated calibration image")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        models = {kind: _export_model(kind, Path(run), tmp, calib) for kind, run in runs.items()}
+        kinds = list(models)
+        draft = BundleManifest(
+            bundle_id=str(uuid.uuid4()),
+            version=opts.version or datetime.now(UTC).strftime("%Y.%m.%d-%H%M%S"),
+            created_at=datetime.now(UTC),
+            models=models,
+            thresholds=Thresholds(),
+            decision=DecisionRule(defective_if_any=kinds, report_boxes_from=[k for k in ("ssd", "vae") if k in kinds]),
+            dataset=opts.dataset_summary,
+            exporter=_exporter_versions(),
+        )
+        draft.dump(tmp)
+        # Calibrate through the agent's own engine, so thresholds fit what the device computes.
+        engine = InferenceEngine(LoadedBundle(tmp, draft), providers=["cpu"])
+        outputs = [engine.analyze(s.load()) for s in calib]
+        thresholds, rule, figures = calibrate(outputs, calib, kinds)
+        manifest = draft.model_copy(update={"thresholds": thresholds, "decision": rule, "calibration": figures})
+        engine = InferenceEngine(LoadedBundle(tmp, manifest), providers=["cpu"])
+        manifest = manifest.model_copy(update={"golden": _golden(tmp, engine)})
+        manifest = BundleManifest.model_validate(manifest.model_dump())  # re-run every validator
+        manifest.dump(tmp)
+        verify_files(tmp, manifest)
+        InferenceEngine(LoadedBundle(tmp, manifest), providers=["cpu"]).check_golden()
+        archive_tmp = out.parent / f".{out.name}.tar.gz.tmp"
+        with tarfile.open(archive_tmp, "w:gz") as tar:
+            tar.add(tmp, arcname=out.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        os.replace(archive_tmp, out.parent / f"{out.name}.tar.gz")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (out.parent / f".{out.name}.tar.gz.tmp").unlink(missing_ok=True)
+        raise
+    logger.info("bundle %s version %s written to %s", manifest.bundle_id, manifest.version, out)
+    return out

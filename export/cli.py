@@ -1,0 +1,214 @@
+"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent.errors import LinesideError
+
+logger = logging.getLogger("export")
+
+
+def _gpus(text: str) -> list[int]:
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--gpus expects a list like 0,1; got {text!r}") from err
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--size expects HxW like 572x768; got {text!r}") from err
+    return h, w
+
+
+def _datasets(data: str, split_file: str | None):
+    """(train, val, test, split) from a dataset location and an optional split file.
+
+    Without a split file, GDXray gets the documented default series split; other data sets are
+    split by group with fixed fractions and seed.
+    """
+    from export.data import open_dataset
+    from export.data.splits import GDXRAY_DEFAULT_SPLIT, apply, load_split, split_groups
+
+    dataset = open_dataset(data)
+    if split_file:
+        split = load_split(Path(split_file))
+    elif dataset.name == "gdxray" and set(GDXRAY_DEFAULT_SPLIT.train) & set(dataset.groups()):
+        split = GDXRAY_DEFAULT_SPLIT
+    else:
+        split = split_groups(dataset, val_fraction=0.2, test_fraction=0.2, seed=0)
+    train, val, test = apply(dataset, split)
+    return dataset, train, val, test, split
+
+
+def _train(args: argparse.Namespace, kind: str) -> int:
+    from export import train as training
+
+    _, train, val, _test, split = _datasets(args.data, args.split)
+    opts = training.TrainOptions(
+        out=Path(args.out),
+        epochs=args.epochs,
+        seed=args.seed,
+        gpus=args.gpus,
+        batch_size=args.batch_size,
+        iters_per_epoch=args.iters,
+        learning_rate=args.lr,
+        preset=getattr(args, "preset", None),
+    )
+    fn = {"vae": training.train_vae, "ssd": training.train_ssd, "classifier": training.train_classifier}[kind]
+    out = fn(train, val, opts, split)
+    print(f"{kind} trained: {out}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from export.synth import generate
+
+    summary = generate(
+        Path(args.out),
+        args.images,
+        args.seed,
+        size=args.size,
+        bit_depth=args.bit_depth,
+        defect_free_share=args.defect_free_share,
+    )
+    print(summary.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from agent.bundle.manifest import DatasetSummary
+    from export.build import BuildOptions, build_bundle
+
+    dataset, train, val, test, split = _datasets(args.calib, args.split)
+    calib = val if val.samples else dataset
+
+    def counts(d) -> tuple[int, int]:
+        annotated = [s for s in d.samples if s.annotated]
+        return len(d.samples), sum(1 for s in annotated if s.label)
+
+    summary = DatasetSummary(
+        kind=dataset.name,
+        root=str(dataset.root),
+        train_groups=train.groups(),
+        val_groups=val.groups(),
+        test_groups=test.groups(),
+        images={"train": counts(train)[0], "val": counts(val)[0], "test": counts(test)[0]},
+        defective_images={"train": counts(train)[1], "val": counts(val)[1], "test": counts(test)[1]},
+    )
+    out = build_bundle(
+        BuildOptions(
+            out=Path(args.out),
+            calib=calib,
+            vae=Path(args.vae) if args.vae else None,
+            ssd=Path(args.ssd) if args.ssd else None,
+            classifier=Path(args.classifier) if args.classifier else None,
+            version=args.version,
+            force=args.force,
+            dataset_summary=summary,
+        )
+    )
+    print(f"bundle written: {out} and {out}.tar.gz")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from export.evaluate import evaluate_bundle
+    from export.metrics import format_table
+
+    _, _train, _val, test, _split = _datasets(args.data, args.split)
+    if args.all:
+        from export.data import open_dataset
+
+        test = open_dataset(args.data)
+    report = evaluate_bundle(Path(args.bundle), test, providers=args.providers.split(","))
+    print(f"bundle {report['bundle_version']} on {report['images']} test images "
+          f"({report['defective_images']} defective) from groups {', '.join(report['test_groups'])}")
+    print(f"decision rule: defective if any of {report['decision_rule']} fires")
+    print(format_table(report["methods"]))
+    print(f"latency per image (models + post-processing): median {report['latency_ms']['median']:.1f} ms, "
+          f"p99 {report['latency_ms']['p99']:.1f} ms on {', '.join(report['providers'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lineside-export", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic X-ray castings in the GDXray layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=(572, 768), help="HxW, default 572x768")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    p.add_argument("--defect-free-share", type=float, default=0.3)
+    p.set_defaults(func=cmd_synth)
+
+    for kind, default_epochs, presets in (
+        ("vae", 10, None),
+        ("ssd", 10, "tile256-mobilenet0.25 (default), tile256-mobilenet1.0, ssd512-mobilenet1.0"),
+        ("classifier", 10, "a GluonCV backbone: mobilenet0.25 (default), mobilenet1.0, resnet18_v1"),
+    ):
+        p = sub.add_parser(f"train-{kind}", help=f"train the {kind} in MXNet Gluon")
+        p.add_argument("--data", required=True, help="dataset folder, manifest or s3:// manifest")
+        p.add_argument("--out", required=True, help="run folder to write")
+        p.add_argument("--epochs", type=int, default=default_epochs)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--gpus", type=_gpus, default=[], help="e.g. 0,1 (data parallel); CPU when empty")
+        p.add_argument("--split", help="split JSON {train, val, test}: group names")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
+        p.add_argument("--lr", type=float, default=1e-3)
+        if presets:
+            p.add_argument("--preset", help=presets)
+        if kind == "ssd":
+            p.add_argument("--pretrained", action="store_true", help="GluonCV zoo base weights (needs network)")
+        p.set_defaults(func=lambda a, k=kind: _train(a, k))
+
+    p = sub.add_parser("build", help="export ONNX with parity checks, calibrate, pack a bundle")
+    p.add_argument("--vae")
+    p.add_argument("--ssd")
+    p.add_argument("--classifier")
+    p.add_argument("--calib", required=True, help="dataset whose validation split calibrates thresholds")
+    p.add_argument("--split", help="split JSON; calibration uses its val groups")
+    p.add_argument("--out", required=True, help="bundle folder to write (a .tar.gz is written beside it)")
+    p.add_argument("--version")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("evaluate", help="score a bundle on test images through ONNX Runtime")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", help="split JSON; evaluation uses its test groups")
+    p.add_argument("--all", action="store_true", help="evaluate on every annotated image, ignoring the split")
+    p.add_argument("--json", help="write the full report here")
+    p.add_argument("--providers", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "pretrained", False):
+        parser.error("--pretrained needs the GluonCV model zoo, which this machine cannot reach; train from scratch")
+    try:
+        return int(args.func(args))
+    except LinesideError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

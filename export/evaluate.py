@@ -1,0 +1,64 @@
+"""`lineside-export evaluate`: a bundle through the agent's inference engine on test images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from agent.errors import DatasetError
+from agent.inference.engine import InferenceEngine
+from export import metrics
+from export.build import _evals
+from export.data.base import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_bundle(bundle: Path, test: Dataset, providers: list[str] | None = None) -> dict[str, Any]:
+    """Per method (classifier, vae, ssd, combined): the study table, box P/R/F1, AP50, image level."""
+    engine = InferenceEngine.load(bundle, providers=providers or ["cpu"])
+    samples = [s for s in test.samples if s.annotated]
+    if not samples:
+        raise DatasetError(f"{test.root}: no annotated test image (unannotated series never count as normal)")
+    th = engine.manifest.thresholds
+    outputs, predictions = [], []
+    for sample in tqdm(samples, desc="evaluating", unit="img"):
+        out = engine.analyze(sample.load())
+        outputs.append(out)
+        predictions.append(engine.decide(out))
+    labels = np.asarray([bool(s.label) for s in samples])
+    results: dict[str, Any] = {}
+    kinds = list(engine.manifest.models)
+    if "classifier" in kinds:
+        decisions = np.asarray([o.classifier_score >= th.classifier for o in outputs])
+        results["classifier"] = {"image": metrics.image_level(labels, decisions)}
+    for kind in ("vae", "ssd"):
+        if kind in kinds:
+            evals = _evals(outputs, samples, kind, th)
+            results[kind] = metrics.evaluate_method(evals, score_threshold=th.ssd_score if kind == "ssd" else 0.0)
+    combined = []
+    for s, o, p in zip(samples, outputs, predictions, strict=True):
+        gt = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in s.boxes], np.float32).reshape(-1, 4)
+        boxes = np.asarray([(d.x1, d.y1, d.x2, d.y2) for d in p.boxes], np.float32).reshape(-1, 4)
+        scores = np.asarray([d.score for d in p.boxes], np.float32)
+        combined.append(
+            metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), p.is_defective, p.score)
+        )
+    results["combined"] = metrics.evaluate_method(combined)
+    ms = [o.timings_ms.get("models_total", 0.0) for o in outputs]
+    return {
+        "bundle_id": engine.manifest.bundle_id,
+        "bundle_version": engine.manifest.version,
+        "providers": engine.providers_in_use,
+        "test_groups": test.groups(),
+        "images": len(samples),
+        "defective_images": int(labels.sum()),
+        "thresholds": th.model_dump(),
+        "decision_rule": engine.manifest.decision.defective_if_any,
+        "latency_ms": {"median": float(np.median(ms)), "p99": float(np.percentile(ms, 99))},
+        "methods": results,
+    }
