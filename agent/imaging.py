@@ -65,9 +65,7 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAUL
         buffer = np.frombuffer(data, dtype=np.uint8)
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
         if image is None:
-            raise ImageDecodeError(
-                "decode_failed", f"{name}: not a decodable PNG/TIFF/JPEG image or truncated"
-            )
+            raise ImageDecodeError("decode_failed", f"{name}: not a decodable PNG/TIFF/JPEG image or truncated")
     if image.ndim == 3:
         channels = image.shape[2]
         if channels == 1:
@@ -75,8 +73,7 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAUL
         elif channels in (3, 4):
             colour = image[:, :, :3]
             if not (
-                np.array_equal(colour[:, :, 0], colour[:, :, 1])
-                and np.array_equal(colour[:, :, 0], colour[:, :, 2])
+                np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(colour[:, :, 0], colour[:, :, 2])
             ):
                 raise ImageDecodeError(
                     "bad_channels",

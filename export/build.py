@@ -72,6 +72,24 @@ class BuildOptions:
     dataset_summary: DatasetSummary | None = None
 
 
+def dataset_summary(dataset: Dataset, train: Dataset, val: Dataset, test: Dataset) -> DatasetSummary:
+    """What the bundle was trained, calibrated and tested on (recorded in the manifest)."""
+
+    def counts(d: Dataset) -> tuple[int, int]:
+        return len(d.samples), sum(1 for s in d.samples if s.annotated and s.label)
+
+    parts = {"train": counts(train), "val": counts(val), "test": counts(test)}
+    return DatasetSummary(
+        kind=dataset.name,
+        root=str(dataset.root),
+        train_groups=train.groups(),
+        val_groups=val.groups(),
+        test_groups=test.groups(),
+        images={k: v[0] for k, v in parts.items()},
+        defective_images={k: v[1] for k, v in parts.items()},
+    )
+
+
 def _file_ref(root: Path, path: Path) -> FileRef:
     return FileRef(path=path.relative_to(root).as_posix(), sha256=sha256_file(path))
 
@@ -111,20 +129,20 @@ def _load_net(kind: str, run: Path, record: dict[str, Any]) -> tuple[mx.gluon.Hy
 
 
 def _ssd_detection_parity(
-    net, batches: list[np.ndarray], onnx_path: Path, anchors: np.ndarray, post: SSDPost
+    net, view, batches: list[np.ndarray], onnx_path: Path, anchors: np.ndarray, post: SSDPost
 ) -> tuple[int, int]:
-    """Our decode + NMS on the ONNX heads must reproduce GluonCV's own detections (score >= 0.2).
+    """Our decode + NMS must reproduce GluonCV's own detection head (boxes with score >= 0.2).
 
-    Returns (compared, unmatched). Near-equal scores can reorder NMS, so up to 1% may differ.
+    It runs on MXNet's raw heads: the heads themselves are compared with ONNX Runtime within
+    tolerance by check_parity, and feeding identical floats here keeps float noise from reordering
+    near-tied scores in NMS. Returns (compared, unmatched); exact ties may still order differently,
+    so up to 1% may differ.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     compared = unmatched = 0
     example = ""
     for batch in batches:
         ids, scores, boxes = (o.asnumpy() for o in net(mx.nd.array(batch)))
-        probs, deltas = session.run(None, {INPUT_NAME: batch})
+        probs, deltas = (o.asnumpy() for o in view(mx.nd.array(batch)))
         th, tw = batch.shape[2:]
         for i in range(batch.shape[0]):
             ours_b, ours_s = postprocess.decode_ssd_tile(probs[i], deltas[i], anchors, post, (th, tw))
@@ -132,16 +150,25 @@ def _ssd_detection_parity(
             ref_b = boxes[i][keep].copy()
             ref_b[:, [0, 2]] = np.clip(ref_b[:, [0, 2]], 0, tw)
             ref_b[:, [1, 3]] = np.clip(ref_b[:, [1, 3]], 0, th)
-            for rb, rs in zip(ref_b, scores[i][keep][:, 0], strict=True):
+            ref_s = scores[i][keep][:, 0]
+            solid = (ref_b[:, 2] > ref_b[:, 0]) & (ref_b[:, 3] > ref_b[:, 1])
+            ours_kept = ours_s >= 0.2
+            if not np.allclose(np.sort(ours_s[ours_kept]), np.sort(ref_s[solid]), atol=1e-5):
+                unmatched += int(abs(int(ours_kept.sum()) - int(solid.sum()))) or 1
+                example = f"tile scores differ: {np.sort(ref_s[solid])[-5:]} vs {np.sort(ours_s[ours_kept])[-5:]}"
+            for rb, rs in zip(ref_b[solid], ref_s[solid], strict=True):
                 compared += 1
-                iou = metrics.box_iou(rb[None], ours_b)[0] if len(ours_b) else np.zeros(0)
-                if not (iou.size and np.any((iou > 0.98) & (np.abs(ours_s - rs) < 1e-3))):
+                same_score = np.abs(ours_s - rs) < 1e-5
+                close = np.all(np.abs(ours_b - rb) <= 0.5, axis=1) & same_score
+                # Exactly tied scores (flat regions, untrained nets) may keep a different box of the tie.
+                tied = int(np.sum(np.abs(probs[i][:, 1] - rs) < 1e-6)) > 1 and np.any(same_score)
+                if not (np.any(close) or tied):
                     unmatched += 1
                     example = f"{rb.round(1).tolist()} score {rs:.4f}"
     if unmatched > 0.01 * max(compared, 1):
         raise ParityError(
-            f"{onnx_path.name}: {unmatched} of {compared} GluonCV detections have no counterpart in the "
-            f"ONNX heads + lineside decode (e.g. {example})"
+            f"{onnx_path.name}: {unmatched} of {compared} GluonCV detections have no counterpart in "
+            f"lineside's decode + NMS (e.g. {example})"
         )
     return compared, unmatched
 
@@ -164,10 +191,8 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
         np.save(anchor_path, anchors)
         post = SSDPost(anchors=_file_ref(tmp, anchor_path))
         net.hybridize()
-        compared, unmatched = _ssd_detection_parity(net, batches, onnx_path, anchors, post)
-        parity = parity.model_copy(
-            update={"detections_compared": compared, "detections_unmatched": unmatched}
-        )
+        compared, unmatched = _ssd_detection_parity(net, view, batches, onnx_path, anchors, post)
+        parity = parity.model_copy(update={"detections_compared": compared, "detections_unmatched": unmatched})
     elif kind == "vae":
         post = VAEPost()
     else:
@@ -205,13 +230,13 @@ def _evals(outputs: list[ModelOutputs], samples: list[Sample], kind: str, th: Th
                 else (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
             )
             score = o.vae_score
-        out.append(
-            metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), decision, score)
-        )
+        out.append(metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), decision, score))
     return out
 
 
-def calibrate(outputs: list[ModelOutputs], samples: list[Sample], kinds: list[str]) -> tuple[Thresholds, DecisionRule, dict[str, Any]]:
+def calibrate(
+    outputs: list[ModelOutputs], samples: list[Sample], kinds: list[str]
+) -> tuple[Thresholds, DecisionRule, dict[str, Any]]:
     """Thresholds maximising F1 on the held-out (validation) images, and the best decision rule."""
     labels = np.asarray([bool(s.label) for s in samples])
     figures: dict[str, Any] = {"images": len(samples), "defective": int(labels.sum())}
@@ -240,8 +265,13 @@ def calibrate(outputs: list[ModelOutputs], samples: list[Sample], kinds: list[st
             if f1 > best[0]:
                 best = (f1, float(pixel), int(area))
         th = th.model_copy(update={"vae_pixel": best[1], "vae_min_area": best[2]})
-        figures["vae"] = {"image_threshold": t_img, "image_f1": f1_img, "pixel_threshold": best[1],
-                          "min_area": best[2], "avg_image_f1": best[0]}
+        figures["vae"] = {
+            "image_threshold": t_img,
+            "image_f1": f1_img,
+            "pixel_threshold": best[1],
+            "min_area": best[2],
+            "avg_image_f1": best[0],
+        }
     # Decision rule: the subset of models (OR-ed) with the best validation image F1.
     fires = {
         "classifier": lambda o: o.classifier_score >= th.classifier,
@@ -259,7 +289,11 @@ def calibrate(outputs: list[ModelOutputs], samples: list[Sample], kinds: list[st
                 best_rule, best_f1 = list(combo), f1
     figures["decision_rules_image_f1"] = rules
     figures["decision_rule"] = best_rule
-    return th, DecisionRule(defective_if_any=best_rule, report_boxes_from=[k for k in ("ssd", "vae") if k in kinds]), figures
+    return (
+        th,
+        DecisionRule(defective_if_any=best_rule, report_boxes_from=[k for k in ("ssd", "vae") if k in kinds]),
+        figures,
+    )
 
 
 def _golden(tmp: Path, engine: InferenceEngine, seed: int = 7) -> list[GoldenImage]:

@@ -84,25 +84,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from agent.bundle.manifest import DatasetSummary
-    from export.build import BuildOptions, build_bundle
+    from export.build import BuildOptions, build_bundle, dataset_summary
 
-    dataset, train, val, test, split = _datasets(args.calib, args.split)
+    dataset, train, val, test, _split = _datasets(args.calib, args.split)
     calib = val if val.samples else dataset
 
-    def counts(d) -> tuple[int, int]:
-        annotated = [s for s in d.samples if s.annotated]
-        return len(d.samples), sum(1 for s in annotated if s.label)
-
-    summary = DatasetSummary(
-        kind=dataset.name,
-        root=str(dataset.root),
-        train_groups=train.groups(),
-        val_groups=val.groups(),
-        test_groups=test.groups(),
-        images={"train": counts(train)[0], "val": counts(val)[0], "test": counts(test)[0]},
-        defective_images={"train": counts(train)[1], "val": counts(val)[1], "test": counts(test)[1]},
-    )
+    summary = dataset_summary(dataset, train, val, test)
     out = build_bundle(
         BuildOptions(
             out=Path(args.out),
@@ -129,12 +116,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         test = open_dataset(args.data)
     report = evaluate_bundle(Path(args.bundle), test, providers=args.providers.split(","))
-    print(f"bundle {report['bundle_version']} on {report['images']} test images "
-          f"({report['defective_images']} defective) from groups {', '.join(report['test_groups'])}")
+    print(
+        f"bundle {report['bundle_version']} on {report['images']} test images "
+        f"({report['defective_images']} defective) from groups {', '.join(report['test_groups'])}"
+    )
     print(f"decision rule: defective if any of {report['decision_rule']} fires")
     print(format_table(report["methods"]))
-    print(f"latency per image (models + post-processing): median {report['latency_ms']['median']:.1f} ms, "
-          f"p99 {report['latency_ms']['p99']:.1f} ms on {', '.join(report['providers'])}")
+    print(
+        f"latency per image (models + post-processing): median {report['latency_ms']['median']:.1f} ms, "
+        f"p99 {report['latency_ms']['p99']:.1f} ms on {', '.join(report['providers'])}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
     return 0
@@ -200,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if getattr(args, "pretrained", False):
         parser.error("--pretrained needs the GluonCV model zoo, which this machine cannot reach; train from scratch")
     try:

@@ -98,9 +98,7 @@ class Matching(NamedTuple):
     matches: np.ndarray
 
 
-def match_greedy(
-    pred: np.ndarray, pred_scores: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5
-) -> Matching:
+def match_greedy(pred: np.ndarray, pred_scores: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> Matching:
     """Match predictions to ground truths greedily, the study's rule.
 
     Predictions are visited by score, highest first (ties keep input order); each takes the still
@@ -235,9 +233,7 @@ class StudyTable:
     n_images: int
 
 
-def study_table(
-    per_image: Sequence[ImageEval], score_threshold: float = 0.0, iou_threshold: float = 0.5
-) -> StudyTable:
+def study_table(per_image: Sequence[ImageEval], score_threshold: float = 0.0, iou_threshold: float = 0.5) -> StudyTable:
     """Mean and max of per-image F1 (at ``iou_threshold``) and union IoU over images with defects.
 
     Defect-free images do not enter this table (their false alarms show in :func:`box_prf` and
@@ -319,9 +315,7 @@ def average_precision(per_image: Sequence[ImageEval], iou_threshold: float = 0.5
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
-def image_level(
-    labels: np.ndarray | Sequence[bool], decisions: np.ndarray | Sequence[bool]
-) -> dict[str, Any]:
+def image_level(labels: np.ndarray | Sequence[bool], decisions: np.ndarray | Sequence[bool]) -> dict[str, Any]:
     """Image-level precision, recall, F1, accuracy and confusion counts; positive = defective.
 
     Ratios with a zero denominator are 1.0 (see ``docs/evaluation.md``).
@@ -348,9 +342,7 @@ def image_level(
 # Calibration (on the validation split, never on test)
 
 
-def best_f1_threshold(
-    scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[bool]
-) -> tuple[float, float]:
+def best_f1_threshold(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[bool]) -> tuple[float, float]:
     """Image-score threshold maximising image-level F1; the decision is ``score >= threshold``.
 
     Ties between maxima go to the lowest threshold, i.e. the highest recall: F1 weighs a missed defect
@@ -362,9 +354,7 @@ def best_f1_threshold(
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=bool).reshape(-1)
     if s.size == 0 or s.shape != y.shape:
-        raise ValueError(
-            f"best_f1_threshold: expected as many labels as scores (> 0), got {y.size}, {s.size}"
-        )
+        raise ValueError(f"best_f1_threshold: expected as many labels as scores (> 0), got {y.size}, {s.size}")
     levels = np.unique(s)[::-1]  # candidate thresholds, highest first
     order = np.argsort(-s, kind="stable")
     # Flag every image with score >= levels[k]: counts from cumulative sums at each level's last index.
@@ -483,7 +473,8 @@ def format_table(results_by_method: Mapping[str, Mapping[str, Any]]) -> str:
         for _, path in _COLUMNS:
             value: Any = results
             for key in path:
-                value = value[key]
-            cells.append(f"  {value:>8.3f}")
+                value = value.get(key) if isinstance(value, Mapping) else None
+            # A method without boxes (the classifier) has no localisation figures.
+            cells.append(f"  {'-':>8}" if value is None else f"  {value:>8.3f}")
         lines.append(method.ljust(width) + "".join(cells))
     return "\n".join(lines)

@@ -97,7 +97,9 @@ class TileSampler:
 
     def _origin(self, im: LoadedImage) -> tuple[int, int]:
         h, w = im.unit.shape
-        return int(self.rng.integers(0, max(1, h - self.size + 1))), int(self.rng.integers(0, max(1, w - self.size + 1)))
+        return int(self.rng.integers(0, max(1, h - self.size + 1))), int(
+            self.rng.integers(0, max(1, w - self.size + 1))
+        )
 
     def positive(self) -> tuple[np.ndarray, np.ndarray]:
         if not self.defective:

@@ -101,7 +101,13 @@ def _loop(
     start = time.perf_counter()
     for epoch in range(1, opts.epochs + 1):
         losses = []
-        bar = tqdm(range(opts.iters_per_epoch), desc=f"{name} epoch {epoch}/{opts.epochs}", unit="it", leave=False, disable=None)
+        bar = tqdm(
+            range(opts.iters_per_epoch),
+            desc=f"{name} epoch {epoch}/{opts.epochs}",
+            unit="it",
+            leave=False,
+            disable=None,
+        )
         for _ in bar:
             losses.append(step(True))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -112,7 +118,8 @@ def _loop(
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         seconds = time.perf_counter() - start
         tqdm.write(
-            f"{name} epoch {epoch}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} ({seconds:.0f} s)"
+            f"{name} epoch {epoch}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+            f"({seconds:.0f} s)"
         )
         # A usable run folder after every epoch: long runs can be built from before they end.
         checkpoint(history, seconds)
@@ -235,8 +242,17 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     # min_hard_negatives lets defect-free tiles teach the background too.
     loss_fn = SSDMultiBoxLoss(min_hard_negatives=32)
     steps = opts.epochs * opts.iters_per_epoch
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.02, warmup_steps=min(200, steps // 10))
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4})
+    schedule = mx.lr_scheduler.CosineScheduler(
+        max_update=max(steps, 1),
+        base_lr=opts.learning_rate,
+        final_lr=opts.learning_rate * 0.02,
+        warmup_steps=min(200, steps // 10),
+    )
+    trainer = gluon.Trainer(
+        net.collect_params(),
+        "adam",
+        {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4},
+    )
     val_batches = [
         _ssd_batch(val_sampler, opts.batch_size, val_sampler.rng, 0.75, False) for _ in range(opts.val_batches)
     ]
@@ -275,7 +291,19 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
 
     def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
         return _write_run(
-            opts, net, "ssd", arch, prep, history, seconds, ctxs, train, val, split, len(train_images), len(val_images)
+            opts,
+            net,
+            "ssd",
+            arch,
+            prep,
+            history,
+            seconds,
+            ctxs,
+            train,
+            val,
+            split,
+            len(train_images),
+            len(val_images),
         )
 
     _loop("ssd", opts, trainer, step, validate, checkpoint)
@@ -285,8 +313,13 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
 def _raw_heads(net, x):
     """(class logits, box deltas) of a GluonCV SSD in inference mode (BatchNorm uses running stats)."""
     features = net.features(x)
-    cls = [mx.nd.flatten(mx.nd.transpose(cp(f), (0, 2, 3, 1))) for f, cp in zip(features, net.class_predictors, strict=True)]
-    box = [mx.nd.flatten(mx.nd.transpose(bp(f), (0, 2, 3, 1))) for f, bp in zip(features, net.box_predictors, strict=True)]
+    cls = [
+        mx.nd.flatten(mx.nd.transpose(cp(f), (0, 2, 3, 1)))
+        for f, cp in zip(features, net.class_predictors, strict=True)
+    ]
+    box = [
+        mx.nd.flatten(mx.nd.transpose(bp(f), (0, 2, 3, 1))) for f, bp in zip(features, net.box_predictors, strict=True)
+    ]
     cls = mx.nd.concat(*cls, dim=1).reshape((0, -1, net.num_classes + 1))
     box = mx.nd.concat(*box, dim=1).reshape((0, -1, 4))
     return cls, box
@@ -325,8 +358,14 @@ def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Sp
     net.initialize(mx.init.Xavier(), ctx=ctxs, force_reinit=False)
     net.hybridize(static_alloc=True, static_shape=True)
     steps = opts.epochs * opts.iters_per_epoch
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.02)
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4})
+    schedule = mx.lr_scheduler.CosineScheduler(
+        max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.02
+    )
+    trainer = gluon.Trainer(
+        net.collect_params(),
+        "adam",
+        {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4},
+    )
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     val_batches = [_cls_batch(val_sampler, opts.batch_size, val_sampler.rng, False) for _ in range(opts.val_batches)]
 
@@ -350,8 +389,19 @@ def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Sp
 
     def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
         return _write_run(
-            opts, net, "classifier", {"backbone": backbone}, prep, history, seconds, ctxs, train, val, split,
-            len(train_images), len(val_images),
+            opts,
+            net,
+            "classifier",
+            {"backbone": backbone},
+            prep,
+            history,
+            seconds,
+            ctxs,
+            train,
+            val,
+            split,
+            len(train_images),
+            len(val_images),
         )
 
     _loop("classifier", opts, trainer, step, validate, checkpoint)
@@ -380,8 +430,12 @@ def train_vae(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     net.initialize(mx.init.Xavier(), ctx=ctxs)
     net.hybridize(static_alloc=True, static_shape=True)
     steps = opts.epochs * opts.iters_per_epoch
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.05)
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": opts.learning_rate, "lr_scheduler": schedule})
+    schedule = mx.lr_scheduler.CosineScheduler(
+        max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.05
+    )
+    trainer = gluon.Trainer(
+        net.collect_params(), "adam", {"learning_rate": opts.learning_rate, "lr_scheduler": schedule}
+    )
     empty = np.zeros((0, 4), np.float32)
     lat = VAE_TILE // 16
 
@@ -425,7 +479,19 @@ def train_vae(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
 
     def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
         return _write_run(
-            opts, net, "vae", arch, prep, history, seconds, ctxs, train, val, split, len(train_images), len(val_images)
+            opts,
+            net,
+            "vae",
+            arch,
+            prep,
+            history,
+            seconds,
+            ctxs,
+            train,
+            val,
+            split,
+            len(train_images),
+            len(val_images),
         )
 
     _loop("vae", opts, trainer, step, validate, checkpoint)

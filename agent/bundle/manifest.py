@@ -48,9 +48,7 @@ class Preprocessing(_Strict):
     (mode 'resize') -> (x - mean) / std -> replicate to `channels`.
     """
 
-    mode: Literal["tile", "resize"] = Field(
-        description="Native-resolution tiles, or the whole image resized."
-    )
+    mode: Literal["tile", "resize"] = Field(description="Native-resolution tiles, or the whole image resized.")
     input_size: tuple[int, int] = Field(description="Model input (height, width) in pixels.")
     scale: float = Field(default=1.0, gt=0, description="Resize factor applied before tiling.")
     tile_overlap: int = Field(default=0, ge=0, description="Overlap between neighbouring tiles, pixels.")
@@ -138,9 +136,7 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _kinds_agree(self) -> ModelSpec:
         if self.postprocessing.kind != self.kind:
-            raise ValueError(
-                f"model kind {self.kind!r} has postprocessing of kind {self.postprocessing.kind!r}"
-            )
+            raise ValueError(f"model kind {self.kind!r} has postprocessing of kind {self.postprocessing.kind!r}")
         return self
 
 

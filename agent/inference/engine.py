@@ -55,9 +55,7 @@ def provider_list(
         else:
             out.append(full)
     if not out:
-        raise InferenceError(
-            f"none of the providers {names} is available; this build offers {sorted(available)}"
-        )
+        raise InferenceError(f"none of the providers {names} is available; this build offers {sorted(available)}")
     return out
 
 
@@ -247,9 +245,7 @@ class InferenceEngine:
                 assert isinstance(spec.postprocessing, VAEPost)
                 amap = post.vae_anomaly_map(unit, outputs[0], spec.postprocessing, layout, tile_hw)
                 results["vae_map"] = amap
-                results["vae_score"] = post.image_score_from_map(
-                    amap, spec.postprocessing.image_score_quantile
-                )
+                results["vae_score"] = post.image_score_from_map(amap, spec.postprocessing.image_score_quantile)
             elif kind == "ssd":
                 assert isinstance(spec.postprocessing, SSDPost) and self._anchors is not None
                 boxes, scores = post.ssd_detections(
@@ -331,9 +327,7 @@ class InferenceEngine:
                 actual = prediction.model_scores.get(kind)
                 tol = golden.score_tolerance * tolerance_scale * max(1.0, abs(expected))
                 if actual is None or abs(actual - expected) > tol:
-                    problems.append(
-                        f"{golden.file.path}: {kind} score {actual} != expected {expected} ± {tol:g}"
-                    )
+                    problems.append(f"{golden.file.path}: {kind} score {actual} != expected {expected} ± {tol:g}")
             if prediction.is_defective != golden.expected_is_defective:
                 problems.append(
                     f"{golden.file.path}: decision {prediction.is_defective} != {golden.expected_is_defective}"

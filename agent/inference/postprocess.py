@@ -58,7 +58,9 @@ def decode_ssd_tile(
     th, tw = tile_hw
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, tw)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, th)
-    return boxes, tile_scores
+    # A box entirely outside the tile clips to zero area: nothing to report.
+    solid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[solid], tile_scores[solid]
 
 
 def ssd_detections(

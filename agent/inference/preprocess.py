@@ -65,9 +65,7 @@ def layout_for(shape: tuple[int, int], prep: Preprocessing) -> Layout:
         return Layout(((0, 0),), (th, tw), th / h, tw / w, (h, w))
     sh, sw = (max(1, round(h * prep.scale)), max(1, round(w * prep.scale))) if prep.scale != 1.0 else (h, w)
     origins = tuple(
-        (y, x)
-        for y in tile_origins(sh, th, prep.tile_overlap)
-        for x in tile_origins(sw, tw, prep.tile_overlap)
+        (y, x) for y in tile_origins(sh, th, prep.tile_overlap) for x in tile_origins(sw, tw, prep.tile_overlap)
     )
     return Layout(origins, (sh, sw), sh / h, sw / w, (h, w))
 

@@ -29,5 +29,5 @@ class ClassifierExport(HybridBlock):
         super().__init__(**kwargs)
         self.net = net
 
-    def hybrid_forward(self, F, x):  # noqa: N803
+    def hybrid_forward(self, F, x):
         return F.softmax(self.net(x), axis=-1)

@@ -94,7 +94,7 @@ class SSDRawHeads(HybridBlock):
         super().__init__(**kwargs)
         self.ssd = ssd
 
-    def hybrid_forward(self, F, x):  # noqa: N803
+    def hybrid_forward(self, F, x):
         ssd = self.ssd
         features = ssd.features(x)
         cls_preds = [

@@ -16,7 +16,9 @@ def _down(channels: int) -> nn.HybridSequential:
 def _up(channels: int) -> nn.HybridSequential:
     block = nn.HybridSequential()
     block.add(
-        nn.Conv2DTranspose(channels, 4, strides=2, padding=1, use_bias=False), nn.BatchNorm(), nn.LeakyReLU(0.1)
+        nn.Conv2DTranspose(channels, 4, strides=2, padding=1, use_bias=False),
+        nn.BatchNorm(),
+        nn.LeakyReLU(0.1),
     )
     return block
 
@@ -43,7 +45,7 @@ class ConvVAE(HybridBlock):
                 self.decoder.add(_up(c))
             self.decoder.add(nn.Conv2D(1, 3, padding=1))
 
-    def hybrid_forward(self, F, x, eps=None):  # noqa: N803 - MXNet's signature
+    def hybrid_forward(self, F, x, eps=None):
         h = self.encoder(x)
         mu = self.to_mu(h)
         logvar = F.clip(self.to_logvar(h), -8.0, 8.0)
@@ -59,7 +61,7 @@ class VAEExport(HybridBlock):
         super().__init__(**kwargs)
         self.vae = vae
 
-    def hybrid_forward(self, F, x):  # noqa: N803
+    def hybrid_forward(self, F, x):
         h = self.vae.encoder(x)
         return F.sigmoid(self.vae.decoder(self.vae.to_mu(h)))
 

@@ -1,0 +1,116 @@
+"""The frame source protocol shared by the folder, camera and replay sources.
+
+A source is driven by the pipeline's capture thread through `frames()`, and told by the dispatch
+thread what became of each frame: `ack(frame, ok, reason)` once its result is safely with the sinks,
+or `release(frame)` when the frame was dropped without a result and may be offered again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from agent.config import QueuePolicy
+from agent.errors import ImageDecodeError
+from agent.imaging import decode_image
+from agent.results import Frame, FrameError
+
+
+class FrameSource(ABC):
+    """Base class of frame sources. Thread-safe: `frames()` runs on one thread, `ack`/`release` on another."""
+
+    kind: ClassVar[str]
+    default_queue_policy: ClassVar[QueuePolicy] = "block"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counters: dict[str, int] = {}
+        self._counter_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self, stop: threading.Event) -> None:
+        """Open the source; `stop` ends `frames()`. Raises SourceError when the source cannot be opened."""
+        self._stop = stop
+
+    @abstractmethod
+    def frames(self) -> Iterator[Frame]:
+        """Yield frames until the stop event is set or the source is exhausted; every wait has a timeout."""
+
+    def ack(self, frame: Frame, ok: bool, reason: FrameError | None = None) -> None:
+        """The frame's result was handed to every sink: `ok`, or failed for `reason` (code + message)."""
+        self.count("acked_ok" if ok else "acked_failed")
+
+    def release(self, frame: Frame) -> None:
+        """The frame was dropped without a result (queue full, shutdown); the source may offer it again."""
+        self.count("released")
+
+    def close(self) -> None:
+        """Release files, devices and connections. Safe to call twice."""
+        return None
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add `n` to counter `key`."""
+        with self._counter_lock:
+            self.counters[key] = self.counters.get(key, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        """A consistent copy of the counters."""
+        with self._counter_lock:
+            return dict(self.counters)
+
+
+def frame_from_bytes(
+    data: bytes,
+    *,
+    name: str,
+    source: str,
+    key: str,
+    frame_id: str | None = None,
+    max_pixels: int,
+    bits_stored: int | None = None,
+    part_id: str | None = None,
+    view: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Frame:
+    """Decode image bytes into a Frame; a decode failure gives a Frame with `error` set, never raises."""
+    captured_wall, captured_mono = datetime.now(UTC), time.monotonic()
+    start = time.perf_counter()
+    image = None
+    error = None
+    try:
+        image = decode_image(data, name, max_pixels=max_pixels)
+    except ImageDecodeError as err:
+        error = FrameError(err.code, str(err))
+    decode_ms = (time.perf_counter() - start) * 1000.0
+    return Frame(
+        frame_id=frame_id or name,
+        key=key,
+        source=source,
+        image=image,
+        captured_wall=captured_wall,
+        captured_mono=captured_mono,
+        part_id=part_id,
+        view=view,
+        bits_stored=bits_stored,
+        error=error,
+        decode_ms=decode_ms,
+        meta=meta or {},
+    )
+
+
+def error_frame(error: FrameError, *, name: str, source: str, key: str, meta: dict[str, Any] | None = None) -> Frame:
+    """A Frame that carries only why it could not be read."""
+    return Frame(
+        frame_id=name,
+        key=key,
+        source=source,
+        image=None,
+        captured_wall=datetime.now(UTC),
+        captured_mono=time.monotonic(),
+        error=error,
+        meta=meta or {},
+    )

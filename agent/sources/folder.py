@@ -1,0 +1,390 @@
+"""The hot-folder source: images the X-ray system writes into a folder, inspected exactly once.
+
+A file is picked up once complete (size and mtime unchanged for `settle_seconds`; dotfiles and
+*.tmp/*.part/*.partial ignored), oldest first. Its key is its name plus the sha256 of its bytes, so its
+result id is stable. On ack it goes to done/ or failed/ (with NAME.error.json). Exactly-once across
+crashes comes from an append-only, fsynced ledger written *before* the move: after a crash a file
+found in the ledger is only moved, one not in the ledger is inspected again (same result id, which the
+jsonl sink de-duplicates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.config import FolderSourceConfig
+from agent.errors import SourceError
+from agent.results import Frame, FrameError
+from agent.sources.base import FrameSource, error_frame, frame_from_bytes
+
+logger = logging.getLogger(__name__)
+
+LEDGER_NAME = "ledger.jsonl"
+LEDGER_KEEP = 100_000  # entries kept when compacting at start; only recent keys matter for recovery
+_PARTIAL_SUFFIXES = (".tmp", ".part", ".partial")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What was decided about one file, recorded before it is moved."""
+
+    key: str
+    result_id: str
+    ok: bool
+    code: str | None = None
+    message: str | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once its directory is synced.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Ledger:
+    """Append-only JSON-lines record of acknowledged files, fsynced per entry."""
+
+    def __init__(self, path: Path, keep: int = LEDGER_KEEP) -> None:
+        self.path = path
+        self.entries: dict[str, LedgerEntry] = {}
+        self._load(keep)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the source's life
+
+    def _load(self, keep: int) -> None:
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        if raw and not raw.endswith(b"\n"):
+            # A crash mid-append left a partial line: its move never happened, so drop it.
+            logger.warning("%s: dropping a partial last line (%d bytes)", self.path, len(lines[-1]))
+        for line in lines[:-1]:
+            try:
+                item = json.loads(line)
+                self.entries[item["key"]] = LedgerEntry(
+                    item["key"], item["result_id"], bool(item["ok"]), item.get("code"), item.get("message")
+                )
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s: skipping an unreadable line", self.path)
+        if len(self.entries) > keep or (raw and not raw.endswith(b"\n")):
+            self.entries = dict(list(self.entries.items())[-keep:])
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name("." + self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for entry in self.entries.values():
+                fh.write(self._line(entry))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    @staticmethod
+    def _line(entry: LedgerEntry) -> str:
+        item = {
+            "key": entry.key,
+            "result_id": entry.result_id,
+            "ok": entry.ok,
+            "code": entry.code,
+            "message": entry.message,
+            "at": datetime.now(UTC).isoformat(),
+        }
+        return json.dumps(item, ensure_ascii=False) + "\n"
+
+    def get(self, key: str) -> LedgerEntry | None:
+        return self.entries.get(key)
+
+    def append(self, entry: LedgerEntry) -> None:
+        """Record an entry durably (write + flush + fsync) before anything acts on it."""
+        self._file.write(self._line(entry))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.entries[entry.key] = entry
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FolderSource(FrameSource):
+    """Watches a hot folder and delivers each complete image once; see the module docstring."""
+
+    kind = "folder"
+    default_queue_policy = "block"
+
+    def __init__(self, config: FolderSourceConfig) -> None:
+        super().__init__(config.source_name)
+        self.config = config
+        self.path = config.path
+        assert config.done_dir and config.failed_dir and config.state_dir  # filled in by the config
+        self.done_dir: Path = config.done_dir
+        self.failed_dir: Path = config.failed_dir
+        self.state_dir: Path = config.state_dir
+        self._regex = re.compile(config.part_id_regex) if config.part_id_regex else None
+        self._patterns = [p.lower() for p in config.patterns]
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[tuple[int, ...], float]] = {}  # name -> (signature, stable since)
+        self._inflight: dict[str, str] = {}  # name -> key, handed out and not yet acked
+        self._retry_at: dict[str, float] = {}  # name -> monotonic time it may be offered again
+        self._ledger: Ledger | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, stop: threading.Event) -> None:
+        super().start(stop)
+        if not self.path.is_dir():
+            raise SourceError(f"hot folder {self.path} does not exist or is not a folder")
+        try:
+            for folder in (self.done_dir, self.failed_dir, self.state_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+            self._ledger = Ledger(self.state_dir / LEDGER_NAME)
+        except OSError as err:
+            raise SourceError(f"cannot prepare folders of hot folder {self.path}: {err}") from err
+        logger.info(
+            "watching %s (done=%s failed=%s, %d ledger entries)",
+            self.path,
+            self.done_dir,
+            self.failed_dir,
+            len(self._ledger.entries),
+        )
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    # -- scanning --------------------------------------------------------------------------------
+
+    def _wanted(self, name: str) -> bool:
+        lower = name.lower()
+        if name.startswith(".") or lower.endswith(_PARTIAL_SUFFIXES):
+            return False
+        return any(fnmatch.fnmatchcase(lower, pattern) for pattern in self._patterns)
+
+    def _sidecar_path(self, name: str) -> Path | None:
+        for candidate in (self.path / f"{name}.json", self.path / f"{Path(name).stem}.json"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def _ready(self) -> list[str]:
+        """Names of complete images not handed out yet, oldest first."""
+        now = time.monotonic()
+        found: dict[str, tuple[int, ...]] = {}
+        try:
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    if not self._wanted(entry.name) or not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    signature: tuple[int, ...] = (st.st_size, st.st_mtime_ns)
+                    if self.config.sidecar:
+                        sidecar = self._sidecar_path(entry.name)
+                        if sidecar is None and self.config.sidecar_required:
+                            continue
+                        if sidecar is not None:
+                            side = sidecar.stat()
+                            signature += (side.st_size, side.st_mtime_ns)
+                    found[entry.name] = signature
+        except OSError as err:
+            # The folder may be a network share that comes back; keep polling instead of dying.
+            self.count("scan_errors")
+            logger.warning("cannot scan hot folder %s: %s", self.path, err)
+            return []
+        ready = []
+        with self._lock:
+            self._seen = {
+                name: prev if (prev := self._seen.get(name)) and prev[0] == sig else (sig, now)
+                for name, sig in found.items()
+            }
+            for name, (sig, since) in self._seen.items():
+                if name in self._inflight or self._retry_at.get(name, 0.0) > now:
+                    continue
+                if now - since >= self.config.settle_seconds:
+                    ready.append((sig[1], name))
+        return [name for _, name in sorted(ready)]
+
+    def frames(self) -> Iterator[Frame]:
+        """Yield complete images oldest-first until stopped; polls every `poll_interval` seconds."""
+        while not self._stop.is_set():
+            for name in self._ready():
+                if self._stop.is_set():
+                    return
+                frame = self._take(name)
+                if frame is not None:
+                    yield frame
+            self._stop.wait(self.config.poll_interval)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _names_from_file_name(self, name: str) -> tuple[str | None, int | None]:
+        if self._regex is None:
+            return None, None
+        match = self._regex.search(name)
+        if match is None:
+            self.count("name_unmatched")
+            return None, None
+        groups = match.groupdict()
+        view = groups.get("view")
+        return groups.get("part"), int(view) if view is not None and view.isdigit() else None
+
+    def _read_sidecar(self, name: str) -> tuple[dict[str, Any] | None, FrameError | None]:
+        path = self._sidecar_path(name) if self.config.sidecar else None
+        if path is None:
+            return None, None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+            if data.get("view") is not None:
+                data["view"] = int(data["view"])
+            if data.get("part_id") is not None:
+                data["part_id"] = str(data["part_id"])
+            return data, None
+        except (OSError, ValueError, TypeError) as err:
+            return None, FrameError("bad_sidecar", f"{path.name}: not a valid sidecar ({err})")
+
+    def _take(self, name: str) -> Frame | None:
+        """Read one ready file into a Frame; None when it vanished or the ledger already has it."""
+        path = self.path / name
+        try:
+            data = path.read_bytes()
+            stat = path.stat()
+        except FileNotFoundError:
+            return None  # moved away by someone else between scan and read
+        except OSError as err:
+            key = f"{name}:unreadable"
+            self._mark_inflight(name, key)
+            return error_frame(
+                FrameError("unreadable", f"{path}: cannot read file ({err.strerror})"),
+                name=name,
+                source=self.name,
+                key=key,
+                meta={"file": name},
+            )
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"{name}:{sha}"
+        assert self._ledger is not None, "start() was not called"
+        entry = self._ledger.get(key)
+        if entry is not None:
+            # Acknowledged before a crash, not moved yet: finish the move, do not inspect again.
+            self._finish(name, sha, entry)
+            self.count("recovered")
+            logger.info("%s was already inspected (result %s); moved without re-inspection", name, entry.result_id)
+            return None
+        meta: dict[str, Any] = {
+            "file": name,
+            "sha256": sha,
+            "size": len(data),
+            "mtime": datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
+        }
+        part_id, view = self._names_from_file_name(name)
+        sidecar, sidecar_error = self._read_sidecar(name)
+        self._mark_inflight(name, key)
+        self.count("frames")
+        if sidecar_error is not None:
+            return error_frame(sidecar_error, name=name, source=self.name, key=key, meta=meta)
+        if sidecar is not None:
+            part_id = sidecar.pop("part_id", None) or part_id
+            view = sidecar.pop("view", None) if sidecar.get("view") is not None else view
+            if sidecar:
+                meta["sidecar"] = sidecar
+        return frame_from_bytes(
+            data,
+            name=name,
+            source=self.name,
+            key=key,
+            max_pixels=self.config.max_pixels,
+            bits_stored=self.config.bits_stored,
+            part_id=part_id,
+            view=view,
+            meta=meta,
+        )
+
+    def _mark_inflight(self, name: str, key: str) -> None:
+        with self._lock:
+            self._inflight[name] = key
+            self._retry_at.pop(name, None)
+
+    # -- acknowledging ---------------------------------------------------------------------------
+
+    def ack(self, frame: Frame, ok: bool, reason: FrameError | None = None) -> None:
+        """Record the outcome in the ledger (fsynced), then move the file to done/ or failed/."""
+        super().ack(frame, ok, reason)
+        name = str(frame.meta.get("file", frame.frame_id))
+        if not ok and reason is None:
+            reason = frame.error or FrameError("failed", "no reason given")
+        entry = LedgerEntry(
+            key=frame.key,
+            result_id=frame.result_id,
+            ok=ok,
+            code=None if ok or reason is None else reason.code,
+            message=None if ok or reason is None else reason.message,
+        )
+        try:
+            assert self._ledger is not None, "start() was not called"
+            self._ledger.append(entry)
+            self._finish(name, str(frame.meta.get("sha256", "")), entry)
+        finally:
+            with self._lock:
+                self._inflight.pop(name, None)
+
+    def release(self, frame: Frame) -> None:
+        """Offer the file again after `retry_seconds`; nothing is recorded."""
+        super().release(frame)
+        name = str(frame.meta.get("file", frame.frame_id))
+        with self._lock:
+            self._inflight.pop(name, None)
+            self._retry_at[name] = time.monotonic() + self.config.retry_seconds
+
+    def _target(self, folder: Path, name: str, sha: str) -> Path:
+        target = folder / name
+        if target.exists() and sha:
+            # Same name, other content (a reused file name): keep both.
+            target = folder / f"{Path(name).stem}.{sha[:12]}{Path(name).suffix}"
+        return target
+
+    def _finish(self, name: str, sha: str, entry: LedgerEntry) -> None:
+        source = self.path / name
+        folder = self.done_dir if entry.ok else self.failed_dir
+        target = self._target(folder, name, sha)
+        sidecar = self._sidecar_path(name) if self.config.sidecar else None
+        if not entry.ok:
+            report = {
+                "code": entry.code,
+                "message": entry.message,
+                "result_id": entry.result_id,
+                "key": entry.key,
+                "at": datetime.now(UTC).isoformat(),
+            }
+            report_path = folder / f"{target.name}.error.json"
+            tmp = folder / f".{target.name}.error.json.tmp"
+            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, report_path)
+        with contextlib.suppress(FileNotFoundError):  # already moved by an earlier attempt
+            shutil.move(source, target)
+        if sidecar is not None:
+            suffix = f"{target.name}.json" if sidecar.name == f"{name}.json" else f"{target.stem}.json"
+            with contextlib.suppress(FileNotFoundError):
+                shutil.move(sidecar, folder / suffix)
+        _fsync_dir(folder)
+        _fsync_dir(self.path)
+        with self._lock:
+            self._seen.pop(name, None)

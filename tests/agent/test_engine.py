@@ -1,0 +1,149 @@
+"""The inference engine on a real bundle built by our export stage, on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.bundle.manifest import BundleManifest
+from agent.errors import BundleError, InferenceError
+from agent.imaging import read_image
+from agent.inference.engine import InferenceEngine
+
+
+@pytest.fixture(scope="module")
+def engine(test_bundle: Path) -> InferenceEngine:
+    return InferenceEngine.load(test_bundle, providers=["cpu"])
+
+
+def _golden_image(bundle: Path) -> np.ndarray:
+    manifest = BundleManifest.read(bundle)
+    return read_image(bundle / manifest.golden[0].file.path)
+
+
+def test_load_reports_the_providers_actually_used(engine: InferenceEngine) -> None:
+    assert engine.providers_in_use == ["CPUExecutionProvider"]
+
+
+def test_prediction_boxes_lie_in_original_pixels(engine: InferenceEngine, test_bundle: Path) -> None:
+    # given a golden image (not a multiple of the tile size)
+    image = _golden_image(test_bundle)
+    h, w = image.shape
+    # when inspected
+    prediction = engine.predict(image)
+    # then the verdict agrees with the calibrated score and every box lies inside the image
+    assert prediction.is_defective == (prediction.score >= 0.5)
+    assert set(prediction.model_scores) == {"classifier", "vae", "ssd"}
+    for box in prediction.boxes:
+        assert 0 <= box.x1 < box.x2 <= w and 0 <= box.y1 < box.y2 <= h
+        assert box.source in ("ssd", "vae")
+    assert prediction.timings_ms["ssd"] > 0
+
+
+def test_sixteen_bit_image_gives_the_same_scores_as_eight_bit(engine: InferenceEngine, test_bundle: Path) -> None:
+    # given the same radiograph as 8-bit and as full-range 16-bit
+    image8 = _golden_image(test_bundle)
+    image16 = image8.astype(np.uint16) * 257
+    # when both are inspected
+    p8, p16 = engine.predict(image8), engine.predict(image16)
+    # then the scores agree (same normalised intensities)
+    for kind, score in p8.model_scores.items():
+        assert p16.model_scores[kind] == pytest.approx(score, abs=1e-4), kind
+
+
+def test_twelve_bit_data_in_sixteen_bit_words_uses_bits_stored(engine: InferenceEngine, test_bundle: Path) -> None:
+    image8 = _golden_image(test_bundle)
+    image12 = (image8.astype(np.uint16) * 4095 // 255).astype(np.uint16)
+    p8, p12 = engine.predict(image8), engine.predict(image12, bits_stored=12)
+    assert p12.model_scores["classifier"] == pytest.approx(p8.model_scores["classifier"], abs=0.02)
+
+
+def test_golden_check_passes_on_the_built_bundle(engine: InferenceEngine) -> None:
+    engine.check_golden()
+
+
+def test_missing_model_file_is_named(test_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    (copy / "vae.onnx").unlink()
+    with pytest.raises(BundleError, match=r"vae\.onnx: missing"):
+        InferenceEngine.load(copy, providers=["cpu"])
+
+
+def test_manifest_with_unknown_key_is_refused(test_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["surprise"] = 1
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="surprise"):
+        InferenceEngine.load(copy, providers=["cpu"])
+
+
+def test_changed_expected_output_fails_the_golden_check(test_bundle: Path, tmp_path: Path) -> None:
+    # given a bundle whose golden expectation was altered (a model that no longer behaves as exported)
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["golden"][0]["expected_scores"]["classifier"] += 0.25
+    (copy / "manifest.json").write_text(json.dumps(data))
+    # then loading refuses it before it could serve a frame
+    with pytest.raises(BundleError, match="golden-image check failed"):
+        InferenceEngine.load(copy, providers=["cpu"])
+
+
+def test_path_outside_the_bundle_is_refused(test_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["models"]["vae"]["file"]["path"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        InferenceEngine.load(copy, providers=["cpu"])
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers() and Path("/dev/nvidia0").exists(),
+    reason="a GPU is present here",
+)
+def test_require_gpu_without_a_gpu_is_a_clear_startup_error(test_bundle: Path) -> None:
+    with pytest.raises(InferenceError, match="require_gpu"):
+        InferenceEngine.load(test_bundle, providers=["cuda", "cpu"], require_gpu=True)
+
+
+def test_unknown_provider_name_is_refused(test_bundle: Path) -> None:
+    with pytest.raises(InferenceError, match="unknown execution provider 'npu'"):
+        InferenceEngine.load(test_bundle, providers=["npu"])
+
+
+def test_non_2d_image_is_refused(engine: InferenceEngine) -> None:
+    with pytest.raises(InferenceError, match="2-D"):
+        engine.predict(np.zeros((10, 10, 3), np.uint8))
+
+
+@pytest.mark.gpu
+def test_cuda_provider_is_used_when_a_gpu_is_present(test_bundle: Path) -> None:
+    engine = InferenceEngine.load(test_bundle, providers=["cuda", "cpu"], require_gpu=True)
+    assert "CUDAExecutionProvider" in engine.providers_in_use
+    engine.check_golden(tolerance_scale=10)
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_provider_matches_cpu_within_tolerance(test_bundle: Path, tmp_path: Path) -> None:
+    cpu = InferenceEngine.load(test_bundle, providers=["cpu"])
+    trt = InferenceEngine.load(
+        test_bundle,
+        providers=["tensorrt", "cuda", "cpu"],
+        require_gpu=True,
+        trt_cache_dir=tmp_path,
+        verify_golden=False,
+    )
+    image = _golden_image(test_bundle)
+    a, b = cpu.predict(image), trt.predict(image)
+    for kind, score in a.model_scores.items():
+        assert b.model_scores[kind] == pytest.approx(score, abs=0.02), kind

@@ -1,0 +1,333 @@
+"""The hot-folder source: completeness, ordering, failures, part ids, and exactly-once via the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import FolderSourceConfig
+from agent.errors import SourceError
+from agent.results import Frame
+from agent.sources import create_source
+from agent.sources.folder import LEDGER_NAME, FolderSource
+
+
+def make_source(hot: Path, **overrides: object) -> FolderSource:
+    settings: dict[str, object] = {
+        "kind": "folder",
+        "path": hot,
+        "settle_seconds": 0.0,
+        "poll_interval": 0.02,
+    }
+    settings.update(overrides)
+    source = create_source(FolderSourceConfig.model_validate(settings))
+    assert isinstance(source, FolderSource)
+    return source
+
+
+class Runner:
+    """Drives `frames()` on a thread, as the pipeline's capture thread does."""
+
+    def __init__(self, source: FolderSource) -> None:
+        self.source = source
+        self.stop = threading.Event()
+        self.frames: queue.Queue[Frame] = queue.Queue()
+        source.start(self.stop)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for frame in self.source.frames():
+            self.frames.put(frame)
+
+    def take(self, n: int, timeout: float = 5.0) -> list[Frame]:
+        return [self.frames.get(timeout=timeout) for _ in range(n)]
+
+    def nothing_within(self, seconds: float) -> bool:
+        try:
+            self.frames.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.source.close()
+
+
+@pytest.fixture
+def hot(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "hot"
+    folder.mkdir()
+    yield folder
+
+
+def test_a_file_still_being_written_is_not_picked_up_until_it_settles(
+    hot: Path, make_png: Callable[..., bytes]
+) -> None:
+    # given: a PNG arriving in chunks, slower than the settle time would allow
+    data = make_png(64, 64, value=7)
+    runner = Runner(make_source(hot, settle_seconds=0.4))
+    path = hot / "growing.png"
+    try:
+        with open(path, "wb") as fh:
+            for start in range(0, len(data), max(1, len(data) // 6)):
+                fh.write(data[start : start + max(1, len(data) // 6)])
+                fh.flush()
+                # when: it is still growing
+                # then: nothing is delivered
+                assert runner.nothing_within(0.15)
+
+        # when: writing stopped
+        (frame,) = runner.take(1)
+
+        # then: the whole file is delivered once, decoded
+        assert frame.error is None
+        assert frame.meta["size"] == len(data)
+        assert frame.image is not None and frame.image.shape == (64, 64)
+        assert runner.nothing_within(0.3)
+    finally:
+        runner.close()
+
+
+def test_temporary_partial_and_hidden_files_are_ignored(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    for name in ("a.png.tmp", "b.png.part", "c.PNG.partial", ".d.png", "notes.txt"):
+        put_png(hot / name)
+    put_png(hot / "real.png")
+    runner = Runner(make_source(hot))
+    try:
+        # when
+        (frame,) = runner.take(1)
+
+        # then
+        assert frame.frame_id == "real.png"
+        assert runner.nothing_within(0.3)
+    finally:
+        runner.close()
+
+
+def test_files_are_delivered_oldest_first(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given: names in the opposite order of their modification times
+    now = time.time()
+    for age, name in enumerate(["c.png", "b.png", "a.png"]):
+        path = put_png(hot / name, value=age)
+        os.utime(path, (now - 100 + age, now - 100 + age))
+    runner = Runner(make_source(hot))
+    try:
+        # when
+        frames = runner.take(3)
+
+        # then
+        assert [f.frame_id for f in frames] == ["c.png", "b.png", "a.png"]
+    finally:
+        runner.close()
+
+
+def test_an_undecodable_file_becomes_an_error_frame_and_goes_to_failed_with_reason(hot: Path) -> None:
+    # given
+    (hot / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        # when
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=False, reason=frame.error)
+
+        # then
+        assert frame.image is None
+        assert frame.error is not None and frame.error.code == "decode_failed"
+        assert not (hot / "broken.png").exists()
+        assert (source.failed_dir / "broken.png").exists()
+        report = json.loads((source.failed_dir / "broken.png.error.json").read_text())
+        assert report["code"] == "decode_failed"
+        assert "broken.png" in report["message"]
+        assert report["result_id"] == frame.result_id
+    finally:
+        runner.close()
+
+
+def test_ack_ok_moves_image_and_sidecar_to_done(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "P1_v1.png")
+    (hot / "P1_v1.json").write_text(json.dumps({"part_id": "SERIAL-9", "view": 3, "line": "A"}))
+    source = make_source(hot, part_id_regex=r"^(?P<part>[A-Z0-9]+)_v(?P<view>\d+)")
+    runner = Runner(source)
+    try:
+        # when
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=True)
+
+        # then: the sidecar wins over the file name, and moves along
+        assert (frame.part_id, frame.view) == ("SERIAL-9", 3)
+        assert frame.meta["sidecar"] == {"line": "A"}
+        assert sorted(p.name for p in source.done_dir.iterdir()) == ["P1_v1.json", "P1_v1.png"]
+        assert sorted(p.name for p in hot.iterdir() if p.is_file()) == []
+    finally:
+        runner.close()
+
+
+def test_part_id_and_view_come_from_the_file_name_regex(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "CAST42_v7_2026.png")
+    put_png(hot / "unrelated.png")
+    source = make_source(hot, part_id_regex=r"^(?P<part>[A-Z0-9]+)_v(?P<view>\d+)")
+    runner = Runner(source)
+    try:
+        # when
+        frames = {f.frame_id: f for f in runner.take(2)}
+
+        # then
+        assert (frames["CAST42_v7_2026.png"].part_id, frames["CAST42_v7_2026.png"].view) == ("CAST42", 7)
+        assert (frames["unrelated.png"].part_id, frames["unrelated.png"].view) == (None, None)
+        assert source.snapshot()["name_unmatched"] == 1
+    finally:
+        runner.close()
+
+
+def test_an_invalid_sidecar_is_an_error_frame_not_a_silent_skip(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "x.png")
+    (hot / "x.json").write_text("{not json")
+    runner = Runner(make_source(hot))
+    try:
+        # when
+        (frame,) = runner.take(1)
+
+        # then
+        assert frame.error is not None and frame.error.code == "bad_sidecar"
+    finally:
+        runner.close()
+
+
+def test_sixteen_bit_images_keep_their_depth_and_bits_stored(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "deep.png", value=3000, dtype=np.uint16)
+    runner = Runner(make_source(hot, bits_stored=12))
+    try:
+        # when
+        (frame,) = runner.take(1)
+
+        # then
+        assert frame.image is not None and frame.image.dtype == np.uint16
+        assert frame.bits_stored == 12
+    finally:
+        runner.close()
+
+
+def test_key_and_result_id_are_stable_for_the_same_bytes(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "same.png", value=9)
+    first = Runner(make_source(hot))
+    (frame_a,) = first.take(1)
+    first.close()
+
+    # when: a new source sees the same, unacknowledged file
+    second = Runner(make_source(hot))
+    try:
+        (frame_b,) = second.take(1)
+    finally:
+        second.close()
+
+    # then
+    assert frame_a.key == frame_b.key
+    assert frame_a.key.startswith("same.png:")
+    assert frame_a.result_id == frame_b.result_id
+
+
+def test_after_a_crash_files_in_the_ledger_are_moved_not_inspected_again(
+    hot: Path, put_png: Callable[..., Path]
+) -> None:
+    # given: three files; the first acked normally, the second acked but "killed before the move"
+    for name in ("a.png", "b.png", "c.png"):
+        put_png(hot / name, value=ord(name[0]))
+    now = time.time()
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        os.utime(hot / name, (now - 10 + i, now - 10 + i))
+    source = make_source(hot)
+    runner = Runner(source)
+    frames = runner.take(3)
+    source.ack(frames[0], ok=True)
+    b_bytes = (hot / "b.png").read_bytes()
+    source.ack(frames[1], ok=True)
+    runner.stop.set()
+    runner.thread.join(5)
+    # The crash: the ledger has b, but b is still in the hot folder (the move never happened).
+    (hot / "b.png").write_bytes(b_bytes)
+    (source.done_dir / "b.png").unlink()
+    source.close()  # c was never acknowledged
+
+    # when: the service restarts over the same folders
+    restarted = make_source(hot)
+    runner2 = Runner(restarted)
+    try:
+        redelivered = runner2.take(1)
+        quiet = runner2.nothing_within(0.3)
+    finally:
+        runner2.close()
+
+    # then: only c is inspected again, with the same result id; b is finished without inspection
+    assert [f.frame_id for f in redelivered] == ["c.png"]
+    assert redelivered[0].result_id == frames[2].result_id
+    assert quiet
+    assert sorted(p.name for p in restarted.done_dir.iterdir()) == ["a.png", "b.png"]
+    assert restarted.snapshot()["recovered"] == 1
+    ledger = [json.loads(line) for line in (restarted.state_dir / LEDGER_NAME).read_text().splitlines()]
+    assert [entry["result_id"] for entry in ledger] == [frames[0].result_id, frames[1].result_id]
+
+
+def test_a_partial_ledger_line_from_a_crash_is_ignored(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    state = hot / ".lineside"
+    state.mkdir()
+    (state / LEDGER_NAME).write_text('{"key": "x.png:abc", "result_id": "r1", "ok": true}\n{"key": "y.p')
+    put_png(hot / "y.png")
+
+    # when
+    runner = Runner(make_source(hot))
+    try:
+        (frame,) = runner.take(1)
+    finally:
+        runner.close()
+
+    # then
+    assert frame.frame_id == "y.png"
+    assert (state / LEDGER_NAME).read_text().endswith("}\n")
+
+
+def test_a_released_frame_is_offered_again(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given
+    put_png(hot / "again.png")
+    source = make_source(hot, retry_seconds=0.1)
+    runner = Runner(source)
+    try:
+        (first,) = runner.take(1)
+        assert runner.nothing_within(0.2)  # in flight: not offered twice
+
+        # when
+        source.release(first)
+        (second,) = runner.take(1)
+
+        # then
+        assert second.key == first.key
+        assert (hot / "again.png").exists()
+    finally:
+        runner.close()
+
+
+def test_a_missing_hot_folder_is_a_source_error(tmp_path: Path) -> None:
+    # given
+    source = make_source(tmp_path / "absent")
+
+    # when / then
+    with pytest.raises(SourceError, match="does not exist"):
+        source.start(threading.Event())

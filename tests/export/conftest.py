@@ -1,0 +1,53 @@
+"""Shared fixtures for the export tests: synthetic data sets, the real GDXray folder, an S3 endpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from export.data.base import reset_s3_client
+from export.synth import SynthSummary, generate
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = (192, 256)  # (height, width): small enough to keep the suite fast, large enough for 40 px defects
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SynthSummary]:
+    """24 small synthetic images in 4 series of 6, a third of them defect-free."""
+    root = tmp_path_factory.mktemp("synth")
+    summary = generate(root, 24, seed=11, size=SMALL, images_per_series=6, defect_free_share=1 / 3)
+    return root, summary
+
+
+@pytest.fixture(scope="session")
+def gdxray_root() -> Path:
+    """The real GDXray Castings subset: $LINESIDE_GDXRAY, else <repo>/../shared/data/gdxray."""
+    root = Path(os.environ.get("LINESIDE_GDXRAY") or REPO.parent / "shared" / "data" / "gdxray")
+    if not (root / "Castings").is_dir():
+        pytest.skip(f"GDXray data not found at {root} (set LINESIDE_GDXRAY to its folder)")
+    return root
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3 API (moto server) on a free loopback port, with boto3 pointed at it via the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    reset_s3_client()
+    try:
+        yield endpoint
+    finally:
+        reset_s3_client()
+        server.stop()
