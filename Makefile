@@ -39,10 +39,14 @@ fmt: $(VENV)/.stamp
 	$(VENV)/bin/ruff format agent export tests
 	$(VENV)/bin/ruff check --fix agent export tests
 
-# The agent suite runs twice: inside the full env, and in the MXNet-free agent env on current numpy.
+# The agent suites run twice: inside the full env, where the session fixture trains and builds a real
+# bundle with the export stage, then in the MXNet-free agent env on current numpy, against that bundle.
+TEST_BUNDLE := build/test-bundle
 test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
-	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python $(VENV)/bin/python -m pytest -q
-	$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent
+	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
+		$(VENV)/bin/python -m pytest -q
+	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \
+		$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent tests/integration
 
 clean:
 	rm -rf $(VENV) $(AGENT_VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

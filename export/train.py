@@ -47,6 +47,7 @@ class TrainOptions:
     val_batches: int = 8
     learning_rate: float = 1e-3
     preset: str | None = None
+    pretrained: bool = False
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -65,19 +66,33 @@ def device_name(ctxs: list[mx.Context]) -> str:
     return ", ".join(str(c) for c in ctxs)
 
 
+def _zoo(build: Callable[[], gluon.HybridBlock], what: str) -> gluon.HybridBlock:
+    """Build a network that needs GluonCV model-zoo weights, with a clear error when offline."""
+    try:
+        return build()
+    except Exception as err:  # gluoncv raises requests/OSError/URLError variants when offline
+        raise ExportError(
+            f"--pretrained: could not get the GluonCV zoo weights for {what} ({err}); "
+            "train from scratch without --pretrained, or pre-seed ~/.mxnet/models"
+        ) from err
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     mx.random.seed(seed)
     np.random.seed(seed)
     return np.random.default_rng(seed)
 
 
-def make_preprocessing(mode: str, size: int, overlap: int, images: list[LoadedImage], rng) -> Preprocessing:
+def make_preprocessing(
+    mode: str, size: int, overlap: int, images: list[LoadedImage], rng, channels: int = 1
+) -> Preprocessing:
+    """Grey tiles; 3 channels only for ImageNet-pretrained backbones, which expect them."""
     mean, std = intensity_stats(images, rng)
     return Preprocessing(
         mode=mode,  # type: ignore[arg-type]
         input_size=(size, size),
         tile_overlap=overlap if mode == "tile" else 0,
-        channels=1,
+        channels=channels,  # type: ignore[arg-type]
         mean=mean,
         std=std,
         pad_value=mean,
@@ -223,19 +238,21 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     probe = Preprocessing(mode=preset.mode, input_size=(size, size), channels=1, mean=0.5, std=0.25)  # type: ignore[arg-type]
     train_images = load_images(train, probe, "ssd train")
     val_images = load_images(val, probe, "ssd val")
-    prep = make_preprocessing(preset.mode, size, 32, train_images, rng).model_copy(
+    prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if opts.pretrained else 1).model_copy(
         update={"tile_overlap": 32 if preset.mode == "tile" else 0}
     )
     sampler = TileSampler(train_images, size, prep.mean, rng)
     val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
     if not val_sampler.defective:
         raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
-    net = build_ssd(preset)
+    net = (
+        _zoo(lambda: build_ssd(preset, pretrained_base=True), preset.network) if opts.pretrained else build_ssd(preset)
+    )
     net.initialize(ctx=ctxs)
     anchors = anchors_of(net, size, ctxs[0]).expand_dims(0)  # also fixes every deferred shape
     # GluonCV's default init is uniform; from scratch, Xavier on the conv weights trains faster.
     for name, param in net.collect_params().items():
-        if name.endswith("weight") and len(param.shape) >= 2:
+        if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
             param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
     net.hybridize(static_alloc=True, static_shape=True)
     target_gen = SSDTargetGenerator(iou_thresh=0.5, stds=(0.1, 0.1, 0.2, 0.2), negative_mining_ratio=-1)
@@ -342,20 +359,25 @@ def _cls_batch(sampler: TileSampler, n: int, rng, do_augment: bool):
 
 
 def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
-    from export.models.classifier import build_classifier
+    from export.models.classifier import CLASSIFIER_TILE, build_classifier
 
     backbone = opts.preset or "mobilenet0.25"
-    size = 256
+    size = CLASSIFIER_TILE
     rng = seed_everything(opts.seed)
     ctxs = contexts(opts.gpus)
     probe = Preprocessing(mode="tile", input_size=(size, size), channels=1, mean=0.5, std=0.25)
     train_images = load_images(train, probe, "classifier train")
     val_images = load_images(val, probe, "classifier val")
-    prep = make_preprocessing("tile", size, 32, train_images, rng)
+    prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
     sampler = TileSampler(train_images, size, prep.mean, rng)
     val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
-    net = build_classifier(backbone)
-    net.initialize(mx.init.Xavier(), ctx=ctxs, force_reinit=False)
+    if opts.pretrained:
+        net = _zoo(lambda: build_classifier(backbone, pretrained=True), backbone)
+        net.output.initialize(mx.init.Xavier(), ctx=ctxs)
+        net.collect_params().reset_ctx(ctxs)
+    else:
+        net = build_classifier(backbone)
+        net.initialize(mx.init.Xavier(), ctx=ctxs)
     net.hybridize(static_alloc=True, static_shape=True)
     steps = opts.epochs * opts.iters_per_epoch
     schedule = mx.lr_scheduler.CosineScheduler(
