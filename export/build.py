@@ -55,8 +55,11 @@ OUTPUT_NAMES = {
     "vae": ["reconstruction"],
     "ssd": ["class_probs", "box_deltas"],
 }
-# Max |MXNet - ONNX Runtime| allowed per output (float32 graphs on CPU agree to ~1e-5).
-TOLERANCE = {"probabilities": 1e-4, "reconstruction": 1e-4, "class_probs": 1e-4, "box_deltas": 1e-3}
+# Max |MXNet - ONNX Runtime| allowed per output. MXNet (MKL-DNN) and ONNX Runtime accumulate float32
+# convolutions in different orders; on trained SSD heads with deltas up to ~20 that reaches ~0.03,
+# which moves a decoded box by well under a pixel (checked separately: DETECTION_PX).
+TOLERANCE = {"probabilities": 1e-3, "reconstruction": 1e-3, "class_probs": 1e-3, "box_deltas": 5e-2}
+DETECTION_PX = 1.0  # max corner difference, pixels, between boxes decoded from MXNet and ONNX Runtime heads
 PARITY_IMAGES = 4
 
 
@@ -130,22 +133,41 @@ def _load_net(kind: str, run: Path, record: dict[str, Any]) -> tuple[mx.gluon.Hy
 
 def _ssd_detection_parity(
     net, view, batches: list[np.ndarray], onnx_path: Path, anchors: np.ndarray, post: SSDPost
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """Our decode + NMS must reproduce GluonCV's own detection head (boxes with score >= 0.2).
 
     It runs on MXNet's raw heads: the heads themselves are compared with ONNX Runtime within
     tolerance by check_parity, and feeding identical floats here keeps float noise from reordering
-    near-tied scores in NMS. Returns (compared, unmatched); exact ties may still order differently,
-    so up to 1% may differ.
+    near-tied scores in NMS. Then the device's view: the same decode on the ONNX Runtime heads must
+    give each box within DETECTION_PX pixels. Returns (compared, unmatched, worst px difference of
+    the matched boxes). Exact ties may still order NMS differently, so up to 1% may differ.
     """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     compared = unmatched = 0
+    worst_px = 0.0
     example = ""
     for batch in batches:
         ids, scores, boxes = (o.asnumpy() for o in net(mx.nd.array(batch)))
         probs, deltas = (o.asnumpy() for o in view(mx.nd.array(batch)))
+        ort_probs, ort_deltas = session.run(None, {INPUT_NAME: batch})
         th, tw = batch.shape[2:]
         for i in range(batch.shape[0]):
             ours_b, ours_s = postprocess.decode_ssd_tile(probs[i], deltas[i], anchors, post, (th, tw))
+            # What the device computes: the same decode on the ONNX Runtime heads.
+            dev_b, dev_s = postprocess.decode_ssd_tile(ort_probs[i], ort_deltas[i], anchors, post, (th, tw))
+            for b, sc in zip(ours_b[ours_s >= 0.2], ours_s[ours_s >= 0.2], strict=True):
+                near = np.abs(dev_s - sc) < 1e-2
+                gap = float(np.min(np.abs(dev_b[near] - b).max(axis=1))) if np.any(near) else np.inf
+                # Anchors whose scores lie within the heads' tolerance of each other have no defined
+                # NMS order: either may survive on either runtime.
+                near_tie = int(np.sum(np.abs(probs[i][:, 1] - sc) < TOLERANCE["class_probs"])) > 1
+                if gap <= DETECTION_PX:
+                    worst_px = max(worst_px, gap)
+                elif not near_tie:
+                    unmatched += 1
+                    example = f"{b.round(1).tolist()} score {sc:.4f} not within {DETECTION_PX} px on ONNX Runtime heads"
             keep = (ids[i, :, 0] >= 0) & (scores[i, :, 0] >= 0.2)
             ref_b = boxes[i][keep].copy()
             ref_b[:, [0, 2]] = np.clip(ref_b[:, [0, 2]], 0, tw)
@@ -170,7 +192,7 @@ def _ssd_detection_parity(
             f"{onnx_path.name}: {unmatched} of {compared} GluonCV detections have no counterpart in "
             f"lineside's decode + NMS (e.g. {example})"
         )
-    return compared, unmatched
+    return compared, unmatched, worst_px
 
 
 def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> ModelSpec:
@@ -191,8 +213,10 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
         np.save(anchor_path, anchors)
         post = SSDPost(anchors=_file_ref(tmp, anchor_path))
         net.hybridize()
-        compared, unmatched = _ssd_detection_parity(net, view, batches, onnx_path, anchors, post)
-        parity = parity.model_copy(update={"detections_compared": compared, "detections_unmatched": unmatched})
+        compared, unmatched, px = _ssd_detection_parity(net, view, batches, onnx_path, anchors, post)
+        parity = parity.model_copy(
+            update={"detections_compared": compared, "detections_unmatched": unmatched, "detection_max_px_diff": px}
+        )
     elif kind == "vae":
         post = VAEPost()
     else:
@@ -212,32 +236,50 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
     )
 
 
-def _evals(outputs: list[ModelOutputs], samples: list[Sample], kind: str, th: Thresholds) -> list[metrics.ImageEval]:
-    """Per-image evaluation records of one localisation model at the given thresholds."""
+_EMPTY = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+
+
+def _evals(
+    outputs: list[ModelOutputs], samples: list[Sample], kind: str, th: Thresholds, gate: bool = True
+) -> list[metrics.ImageEval]:
+    """Per-image records of one localiser used alone.
+
+    With `gate`, an image gets boxes only when the model fires for it (as the agent reports them);
+    without, every image gets the model's boxes (calibrating the box threshold on its own). SSD
+    boxes are passed with all their scores so AP50 can rank them; figures use `th.ssd_score`.
+    """
     out = []
     for o, s in zip(outputs, samples, strict=True):
         gt = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in s.boxes], np.float32).reshape(-1, 4)
         if kind == "ssd":
-            boxes, scores = o.ssd_boxes, o.ssd_scores
-            decision = bool(np.any(scores >= th.ssd_score))
-            score = float(scores.max()) if scores.size else 0.0
+            score = float(o.ssd_scores.max()) if o.ssd_scores.size else 0.0
+            decision = score >= th.ssd_image
+            boxes, scores = (o.ssd_boxes, o.ssd_scores) if decision or not gate else _EMPTY
         else:
             assert o.vae_map is not None and o.vae_score is not None
-            decision = o.vae_score >= th.vae_image
-            boxes, scores = (
-                postprocess.vae_boxes(o.vae_map, th.vae_pixel, th.vae_min_area)
-                if decision
-                else (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
-            )
             score = o.vae_score
+            decision = score >= th.vae_image
+            boxes, scores = (
+                postprocess.vae_boxes(o.vae_map, th.vae_pixel, th.vae_min_area) if decision or not gate else _EMPTY
+            )
         out.append(metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), decision, score))
     return out
+
+
+def _study_avg_f1(evals: list[metrics.ImageEval], score_threshold: float = 0.0) -> float:
+    return metrics.study_table(evals, score_threshold=score_threshold).avg_f1
 
 
 def calibrate(
     outputs: list[ModelOutputs], samples: list[Sample], kinds: list[str]
 ) -> tuple[Thresholds, DecisionRule, dict[str, Any]]:
-    """Thresholds maximising F1 on the held-out (validation) images, and the best decision rule."""
+    """Thresholds chosen on the held-out (validation) series, and the best decision rule.
+
+    Image thresholds (classifier, SSD best box, VAE map quantile) maximise image-level F1.
+    Localisation thresholds (SSD box score, VAE pixel level and minimum area) maximise the study's
+    avg F1 over validation images with defects; false boxes there lower it, and false boxes on
+    defect-free images are prevented by the image decision, which gates box reporting.
+    """
     labels = np.asarray([bool(s.label) for s in samples])
     figures: dict[str, Any] = {"images": len(samples), "defective": int(labels.sum())}
     th = Thresholds()
@@ -247,21 +289,29 @@ def calibrate(
         th = th.model_copy(update={"classifier": float(t)})
         figures["classifier"] = {"threshold": float(t), "image_f1": f1}
     if "ssd" in kinds:
-        evals = _evals(outputs, samples, "ssd", th)
-        t, f1 = metrics.best_box_threshold(evals)
-        th = th.model_copy(update={"ssd_score": float(max(t, 0.05))})
-        figures["ssd"] = {"threshold": th.ssd_score, "avg_image_f1": f1}
+        tops = np.asarray([float(o.ssd_scores.max()) if o.ssd_scores.size else 0.0 for o in outputs])
+        t_img, f1_img = metrics.best_f1_threshold(tops, labels)
+        evals = _evals(outputs, samples, "ssd", th, gate=False)
+        all_scores = np.concatenate([o.ssd_scores for o in outputs] + [np.zeros(1, np.float32)])
+        candidates = np.unique(np.quantile(all_scores, np.linspace(0.0, 1.0, 41)))
+        best_box = max(((_study_avg_f1(evals, float(c)), float(c)) for c in candidates), key=lambda x: (x[0], x[1]))
+        th = th.model_copy(update={"ssd_image": float(max(t_img, 0.02)), "ssd_score": float(max(best_box[1], 0.02))})
+        figures["ssd"] = {
+            "image_threshold": th.ssd_image,
+            "image_f1": f1_img,
+            "box_threshold": th.ssd_score,
+            "avg_f1_defective_images": best_box[0],
+        }
     if "vae" in kinds:
         scores = np.asarray([o.vae_score for o in outputs], np.float64)
         t_img, f1_img = metrics.best_f1_threshold(scores, labels)
         th = th.model_copy(update={"vae_image": float(t_img)})
         maps = np.concatenate([o.vae_map.ravel()[::97] for o in outputs if o.vae_map is not None])
-        candidates = np.quantile(maps, [0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999])
+        candidates = np.quantile(maps, [0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999])
         best = (-1.0, float(candidates[0]), 16)
         for pixel, area in itertools.product(candidates, (4, 16, 36, 64, 100)):
             trial = th.model_copy(update={"vae_pixel": float(pixel), "vae_min_area": int(area)})
-            evals = _evals(outputs, samples, "vae", trial)
-            f1 = float(np.mean([e.f1() for e in evals]))
+            f1 = _study_avg_f1(_evals(outputs, samples, "vae", trial, gate=False))
             if f1 > best[0]:
                 best = (f1, float(pixel), int(area))
         th = th.model_copy(update={"vae_pixel": best[1], "vae_min_area": best[2]})
@@ -270,12 +320,12 @@ def calibrate(
             "image_f1": f1_img,
             "pixel_threshold": best[1],
             "min_area": best[2],
-            "avg_image_f1": best[0],
+            "avg_f1_defective_images": best[0],
         }
     # Decision rule: the subset of models (OR-ed) with the best validation image F1.
     fires = {
         "classifier": lambda o: o.classifier_score >= th.classifier,
-        "ssd": lambda o: bool(np.any(o.ssd_scores >= th.ssd_score)),
+        "ssd": lambda o: bool(np.any(o.ssd_scores >= th.ssd_image)),
         "vae": lambda o: o.vae_score >= th.vae_image,
     }
     rules: dict[str, float] = {}

@@ -26,7 +26,7 @@ def evaluate_bundle(bundle: Path, test: Dataset, providers: list[str] | None = N
         raise DatasetError(f"{test.root}: no annotated test image (unannotated series never count as normal)")
     th = engine.manifest.thresholds
     outputs, predictions = [], []
-    for sample in tqdm(samples, desc="evaluating", unit="img"):
+    for sample in tqdm(samples, desc="evaluating", unit="img", disable=None):
         out = engine.analyze(sample.load())
         outputs.append(out)
         predictions.append(engine.decide(out))

@@ -109,6 +109,9 @@ class ParityReport(_Strict):
     passed: bool
     detections_compared: int | None = Field(default=None, description="SSD: GluonCV boxes (score >= 0.2) checked.")
     detections_unmatched: int | None = Field(default=None, description="SSD: of those, boxes our decode missed.")
+    detection_max_px_diff: float | None = Field(
+        default=None, description="SSD: max box corner difference (px), MXNet heads vs ONNX Runtime heads."
+    )
 
 
 class TrainingSummary(_Strict):
@@ -147,11 +150,16 @@ class Thresholds(_Strict):
     vae_pixel: float = Field(default=1.0, description="Anomaly-map value marking a pixel anomalous.")
     vae_min_area: int = Field(default=16, ge=1, description="Smallest connected component kept, px.")
     vae_image: float = Field(default=1.0, description="Image anomaly score at or above which the VAE fires.")
-    ssd_score: float = Field(default=0.5, description="Detection score at or above which a box is kept.")
+    ssd_score: float = Field(default=0.5, description="Detection score at or above which a box is reported.")
+    ssd_image: float = Field(default=0.5, description="Best box score at or above which the SSD fires for the image.")
 
 
 class DecisionRule(_Strict):
-    """An image is defective when any listed model fires; `score` maps every threshold to 0.5."""
+    """An image is defective when any listed model fires; `score` maps every threshold to 0.5.
+
+    Boxes are reported only for defective images, from the listed localisers, each at its own
+    box/pixel threshold (calibrated for localisation, separately from the image decision).
+    """
 
     defective_if_any: list[ModelKind] = Field(min_length=1)
     report_boxes_from: list[ModelKind] = Field(default_factory=lambda: ["ssd", "vae"])

@@ -60,7 +60,7 @@ def provider_list(
 
 
 class _Runner:
-    """One ONNX Runtime session with I/O binding onto reused output buffers."""
+    """One ONNX Runtime session; with `io_binding`, outputs land in reused preallocated buffers."""
 
     def __init__(self, spec: ModelSpec, path: Path, providers: list, options: ort.SessionOptions) -> None:
         self.spec = spec
@@ -78,6 +78,8 @@ class _Runner:
             )
         self.binding = self.session.io_binding()
         self._outputs: dict[int, list[np.ndarray]] = {}
+        self._input_name = spec.input.name
+        self.io_binding = True
 
     def providers(self) -> list[str]:
         return self.session.get_providers()
@@ -93,7 +95,9 @@ class _Runner:
         return bufs
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run on `batch`; returned arrays are reused by the next call with the same batch size."""
+        """Run on `batch`; returned arrays may be reused by the next call with the same batch size."""
+        if not self.io_binding:
+            return self.session.run(None, {self._input_name: batch})
         bufs = self._output_buffers(batch.shape[0])
         binding = self.binding
         binding.clear_binding_inputs()
@@ -266,32 +270,34 @@ class InferenceEngine:
         rule = self.manifest.decision
         scores: dict[str, float] = {}
         calibrated: dict[str, float] = {}
-        boxes: list[Detection] = []
         if out.classifier_score is not None:
             scores["classifier"] = out.classifier_score
             calibrated["classifier"] = post.calibrated_score(out.classifier_score, th.classifier)
-        if out.ssd_scores is not None and "ssd" in self._runners:
-            keep = out.ssd_scores >= th.ssd_score
+        if "ssd" in self._runners:
             top = float(out.ssd_scores.max()) if out.ssd_scores.size else 0.0
             scores["ssd"] = top
-            calibrated["ssd"] = post.calibrated_score(top, th.ssd_score)
-            if "ssd" in rule.report_boxes_from:
+            calibrated["ssd"] = post.calibrated_score(top, th.ssd_image)
+        if out.vae_score is not None:
+            scores["vae"] = out.vae_score
+            calibrated["vae"] = post.calibrated_score(out.vae_score, th.vae_image)
+        members = [k for k in rule.defective_if_any if k in calibrated]
+        fired = tuple(k for k in members if calibrated[k] >= 0.5)
+        score = max((calibrated[k] for k in members), default=0.0)
+        boxes: list[Detection] = []
+        if fired:
+            # Boxes only for defective images: a verdict of "good" never comes with boxes.
+            if "ssd" in rule.report_boxes_from and out.ssd_scores.size:
+                keep = out.ssd_scores >= th.ssd_score
                 boxes += [
                     Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "ssd")
                     for b, s in zip(out.ssd_boxes[keep], out.ssd_scores[keep], strict=True)
                 ]
-        if out.vae_map is not None and out.vae_score is not None:
-            scores["vae"] = out.vae_score
-            calibrated["vae"] = post.calibrated_score(out.vae_score, th.vae_image)
-            if "vae" in rule.report_boxes_from and out.vae_score >= th.vae_image:
+            if "vae" in rule.report_boxes_from and out.vae_map is not None:
                 vb, vs = post.vae_boxes(out.vae_map, th.vae_pixel, th.vae_min_area)
                 boxes += [
                     Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "vae")
                     for b, s in zip(vb, vs, strict=True)
                 ]
-        members = [k for k in rule.defective_if_any if k in calibrated]
-        fired = tuple(k for k in members if calibrated[k] >= 0.5)
-        score = max((calibrated[k] for k in members), default=0.0)
         timings = dict(out.timings_ms)
         timings["decide"] = (time.perf_counter() - t0) * 1000
         return Prediction(

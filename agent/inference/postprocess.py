@@ -14,22 +14,39 @@ from agent.bundle.manifest import SSDPost, VAEPost
 from agent.inference.preprocess import Layout
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, best first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int, block: int = 64) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best first.
+
+    Greedy NMS in score order: a box is kept unless an already kept box overlaps it by more than
+    `iou_threshold`. IoUs are computed `block` rows at a time against all later boxes (one numpy call
+    per block rather than several per kept box), and only as far as needed for `top_k` boxes.
+    """
     order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    ordered = boxes[order]
+    x1, y1, x2, y2 = ordered[:, 0], ordered[:, 1], ordered[:, 2], ordered[:, 3]
     areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    n = order.size
+    suppressed = np.zeros(n, dtype=bool)
     keep: list[int] = []
-    while order.size and len(keep) < top_k:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+    for start in range(0, n, block):
+        if len(keep) >= top_k:
+            break
+        stop = min(n, start + block)
+        rows, cols = slice(start, stop), slice(start, n)
+        iw = np.maximum(0.0, np.minimum(x2[rows, None], x2[None, cols]) - np.maximum(x1[rows, None], x1[None, cols]))
+        ih = np.maximum(0.0, np.minimum(y2[rows, None], y2[None, cols]) - np.maximum(y1[rows, None], y1[None, cols]))
         inter = iw * ih
-        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+        iou = inter / np.maximum(areas[rows, None] + areas[None, cols] - inter, 1e-9)
+        drop = ~(iou <= iou_threshold)  # not `>`: a NaN IoU suppresses, as it always has
+        tail = suppressed[start:]  # a view: marks later boxes (and decided earlier ones, harmlessly)
+        for k in range(stop - start):
+            if tail[k]:
+                continue
+            keep.append(start + k)
+            if len(keep) >= top_k:
+                break
+            tail |= drop[k]
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
 def decode_ssd_tile(
