@@ -14,7 +14,7 @@ step() { printf '\n== [%4ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 
 step "1/5 synthetic radiographs (GDXray layout) -> $OUT/data"
 rm -rf "$OUT/data"
-lineside-export synth --out "$OUT/data" --images 96 --seed 11 --size 286x384 > "$OUT/synth.json"
+lineside-export synth --out "$OUT/data" --images 96 --seed 11 --size 286x384 --defect-contrast 3 > "$OUT/synth.json"
 echo "$(grep -c . "$OUT"/data/Castings/*/ground_truth.txt | awk -F: '{s+=$2} END {print s}') defect boxes written"
 
 step "2/5 training the three models in MXNet Gluon (CPU, a few minutes)"

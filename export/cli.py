@@ -79,6 +79,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         size=args.size,
         bit_depth=args.bit_depth,
         defect_free_share=args.defect_free_share,
+        defect_contrast=args.defect_contrast,
     )
     print(summary.model_dump_json(indent=2))
     return 0
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=(572, 768), help="HxW, default 572x768")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
     p.add_argument("--defect-free-share", type=float, default=0.3)
+    p.add_argument("--defect-contrast", type=float, default=1.0, help="1.0 = GDXray-like; the demo uses 3")
     p.set_defaults(func=cmd_synth)
 
     for kind, default_epochs, presets in (

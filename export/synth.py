@@ -77,6 +77,7 @@ def generate(
     defect_free_share: float = 0.3,
     images_per_series: int = 12,
     part: str = "mixed",
+    defect_contrast: float = 1.0,
 ) -> SynthSummary:
     """Write `images` synthetic radiographs in the GDXray layout under `out`.
 
@@ -86,8 +87,12 @@ def generate(
     16-bit output spans the full 0-65535 range (the same signal as 8-bit, finer quantisation), so
     `to_unit_range(image)` without `bits_stored` gives the same scale for both depths.
     Rewriting a folder written by an earlier run is allowed; any other non-empty folder is refused.
+    `defect_contrast` scales how much metal a defect removes or adds (1.0: GDXray-like subtlety; the
+    demo uses more so that a few minutes of CPU training already find them).
     """
     height, width = _check_args(images, seed, size, bit_depth, defect_free_share, images_per_series, part)
+    if not 0 < defect_contrast <= 10:
+        raise DatasetError(f"defect_contrast must be in (0, 10], got {defect_contrast}")
     out = Path(out)
     castings = out / "Castings"
     _prepare_output(out, castings)
@@ -113,7 +118,12 @@ def generate(
         for i in range(min(images_per_series, images - s * images_per_series)):
             index = s * images_per_series + i
             pixels, defects = _render(
-                shape, grid, (seed, s + 1, i + 1), want_defects=not clean[index], bit_depth=bit_depth
+                shape,
+                grid,
+                (seed, s + 1, i + 1),
+                want_defects=not clean[index],
+                bit_depth=bit_depth,
+                contrast=defect_contrast,
             )
             _write_atomic(series_dir / f"{name}_{i + 1:04d}.png", _encode_png(pixels))
             defective += bool(defects)
@@ -278,7 +288,13 @@ class _PartShape:
 
 
 def _render(
-    shape: _PartShape, grid: _Grid, key: tuple[int, int, int], *, want_defects: bool, bit_depth: int
+    shape: _PartShape,
+    grid: _Grid,
+    key: tuple[int, int, int],
+    *,
+    want_defects: bool,
+    bit_depth: int,
+    contrast: float = 1.0,
 ) -> tuple[np.ndarray, list[tuple[DefectKind, tuple[int, int, int, int]]]]:
     """One view of the part: pixels (uint8/uint16) and the defects as (kind, (x1, y1, x2, y2)).
 
@@ -293,7 +309,7 @@ def _render(
     attenuation = thickness * np.float32(MU_AL)
     defects: list[tuple[DefectKind, tuple[int, int, int, int]]] = []
     if want_defects:
-        defects = _add_defects(attenuation, thickness, fov, np.random.default_rng([*key, 1]))
+        defects = _add_defects(attenuation, thickness, fov, np.random.default_rng([*key, 1]), contrast)
     transmitted = np.exp(-attenuation)
     transmitted += np.float32(0.03)  # scatter: lifts the dark end and lowers contrast, as in real images
     signal = transmitted * light
@@ -415,7 +431,11 @@ def _illumination(setup: dict[str, float], grid: _Grid) -> np.ndarray:
 
 
 def _add_defects(
-    attenuation: np.ndarray, thickness: np.ndarray, fov: np.ndarray, rng: np.random.Generator
+    attenuation: np.ndarray,
+    thickness: np.ndarray,
+    fov: np.ndarray,
+    rng: np.random.Generator,
+    contrast: float = 1.0,
 ) -> list[tuple[DefectKind, tuple[int, int, int, int]]]:
     """Place 1-3 defects on metal, changing `attenuation` in place; returns their tight boxes."""
     height, width = attenuation.shape
@@ -429,6 +449,7 @@ def _add_defects(
     for _ in range(wanted):
         kind: DefectKind = _DEFECT_KINDS[int(rng.choice(len(_DEFECT_KINDS), p=_DEFECT_WEIGHTS))]
         delta, mask = _defect_patch(kind, rng)
+        delta = delta * np.float32(contrast)
         ph, pw = delta.shape
         for _try in range(40):
             c = int(candidates[rng.integers(candidates.size)])

@@ -147,3 +147,19 @@ def test_tensorrt_fp16_provider_matches_cpu_within_tolerance(test_bundle: Path, 
     a, b = cpu.predict(image), trt.predict(image)
     for kind, score in a.model_scores.items():
         assert b.model_scores[kind] == pytest.approx(score, abs=0.02), kind
+
+
+def test_boxes_come_only_with_a_defective_verdict(engine: InferenceEngine, test_bundle: Path) -> None:
+    # given thresholds so high that no model fires, and so low that every model fires
+    outputs = engine.analyze(_golden_image(test_bundle))
+    never = engine.manifest.thresholds.model_copy(
+        update={"classifier": 2.0, "ssd_image": 2.0, "vae_image": 1e9, "ssd_score": 0.0, "vae_pixel": 0.0}
+    )
+    always = engine.manifest.thresholds.model_copy(
+        update={"classifier": 0.0, "ssd_image": 0.0, "vae_image": 0.0, "ssd_score": 0.0, "vae_pixel": 0.0}
+    )
+    # when the decision rule is applied
+    quiet, loud = engine.decide(outputs, never), engine.decide(outputs, always)
+    # then a good verdict carries no boxes, a defective one carries the localisers' boxes
+    assert not quiet.is_defective and quiet.boxes == () and quiet.score < 0.5
+    assert loud.is_defective and loud.score >= 0.5 and len(loud.boxes) > 0

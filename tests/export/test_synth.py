@@ -180,3 +180,8 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, object], me
     with pytest.raises(DatasetError, match=message):
         generate(tmp_path / "out", **args)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+def test_defect_contrast_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="defect_contrast"):
+        generate(tmp_path / "s", images=2, seed=0, defect_contrast=0.0)
