@@ -176,6 +176,15 @@ def _providers(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
+def _engine_for_command(args: argparse.Namespace) -> Any:
+    """The engine for `inspect`/`predict`, or None after printing why it could not load."""
+    try:
+        return _load_engine(args.bundle, providers=_providers(args.providers))
+    except (BundleError, InferenceError) as err:
+        print(f"error: cannot load bundle {args.bundle}: {err}", file=sys.stderr)
+        return None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Inspect image files; one JSON result per image on stdout."""
     from agent.pipeline import inspect_frame
@@ -183,10 +192,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from agent.sinks.jsonl import JsonlSink
 
     configure_logging(args.log_level or "WARNING")
-    try:
-        engine = _load_engine(args.bundle, providers=_providers(args.providers))
-    except (BundleError, InferenceError) as err:
-        print(f"error: cannot load bundle {args.bundle}: {err}", file=sys.stderr)
+    engine = _engine_for_command(args)
+    if engine is None:
         return EXIT_FAILURE
     sinks = [JsonlSink("-")] + ([AnnotateSink(args.annotate)] if args.annotate else [])
     errors = 0
@@ -327,10 +334,8 @@ def predict_batch(
 def cmd_predict(args: argparse.Namespace) -> int:
     """Batch prediction from a folder or S3 prefix into a folder or S3 prefix."""
     configure_logging(args.log_level or "INFO")
-    try:
-        engine = _load_engine(args.bundle, providers=_providers(args.providers))
-    except (BundleError, InferenceError) as err:
-        print(f"error: cannot load bundle {args.bundle}: {err}", file=sys.stderr)
+    engine = _engine_for_command(args)
+    if engine is None:
         return EXIT_FAILURE
     try:
         _, errors = predict_batch(

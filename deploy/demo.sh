@@ -19,9 +19,9 @@ echo "$(grep -c . "$OUT"/data/Castings/*/ground_truth.txt | awk -F: '{s+=$2} END
 
 step "2/5 training the three models in MXNet Gluon (CPU, a few minutes)"
 rm -rf "$OUT/runs"
-lineside-export train-classifier --data "$OUT/data" --out "$OUT/runs/classifier" --epochs 4 --iters 25 --batch-size 16
+lineside-export train-classifier --data "$OUT/data" --out "$OUT/runs/classifier" --epochs 6 --iters 40 --batch-size 32
 lineside-export train-vae --data "$OUT/data" --out "$OUT/runs/vae" --epochs 4 --iters 25 --batch-size 16
-lineside-export train-ssd --data "$OUT/data" --out "$OUT/runs/ssd" --epochs 6 --iters 30 --batch-size 16 --lr 2e-3
+lineside-export train-ssd --data "$OUT/data" --out "$OUT/runs/ssd" --epochs 6 --iters 40 --batch-size 16 --lr 2e-3
 
 step "3/5 ONNX export with parity checks, calibration, bundle -> $OUT/bundle"
 lineside-export build --classifier "$OUT/runs/classifier" --vae "$OUT/runs/vae" --ssd "$OUT/runs/ssd" \

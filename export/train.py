@@ -14,6 +14,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +143,14 @@ def _loop(
 
 
 def _write_run(
+    history: list[dict[str, float]],
+    seconds: float,
+    *,
     opts: TrainOptions,
     net: gluon.HybridBlock,
     kind: str,
     arch: dict[str, Any],
     prep: Preprocessing,
-    history: list[dict[str, float]],
-    seconds: float,
     ctxs: list[mx.Context],
     train: Dataset,
     val: Dataset,
@@ -306,22 +308,10 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
 
     arch = {"preset": preset_name}
 
-    def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
-        return _write_run(
-            opts,
-            net,
-            "ssd",
-            arch,
-            prep,
-            history,
-            seconds,
-            ctxs,
-            train,
-            val,
-            split,
-            len(train_images),
-            len(val_images),
-        )
+    checkpoint = partial(
+        _write_run, opts=opts, net=net, kind="ssd", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
+        split=split, n_train=len(train_images), n_val=len(val_images),
+    )  # fmt: skip
 
     _loop("ssd", opts, trainer, step, validate, checkpoint)
     return opts.out
@@ -409,22 +399,11 @@ def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Sp
     def validate() -> float:
         return float(np.mean([run(*b, False) for b in val_batches]))
 
-    def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
-        return _write_run(
-            opts,
-            net,
-            "classifier",
-            {"backbone": backbone},
-            prep,
-            history,
-            seconds,
-            ctxs,
-            train,
-            val,
-            split,
-            len(train_images),
-            len(val_images),
-        )
+    arch = {"backbone": backbone}
+    checkpoint = partial(
+        _write_run, opts=opts, net=net, kind="classifier", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
+        split=split, n_train=len(train_images), n_val=len(val_images),
+    )  # fmt: skip
 
     _loop("classifier", opts, trainer, step, validate, checkpoint)
     return opts.out
@@ -499,22 +478,10 @@ def train_vae(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
 
     arch = {"width": width, "latent_channels": latent, "beta": beta}
 
-    def checkpoint(history: list[dict[str, float]], seconds: float) -> Path:
-        return _write_run(
-            opts,
-            net,
-            "vae",
-            arch,
-            prep,
-            history,
-            seconds,
-            ctxs,
-            train,
-            val,
-            split,
-            len(train_images),
-            len(val_images),
-        )
+    checkpoint = partial(
+        _write_run, opts=opts, net=net, kind="vae", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
+        split=split, n_train=len(train_images), n_val=len(val_images),
+    )  # fmt: skip
 
     _loop("vae", opts, trainer, step, validate, checkpoint)
     return opts.out

@@ -116,8 +116,8 @@ def vae_anomaly_map(
 ) -> np.ndarray:
     """The study's anomaly map, in original pixels.
 
-    squared reconstruction residual per tile -> stitched (max over overlaps, tile borders ignored
-    inside the image) -> L2-normalised over the image -> multiplied with the original for contrast
+    squared reconstruction residual per tile -> stitched (max over overlaps, tile borders ignored)
+    -> L2-normalised over the image -> multiplied with the original for contrast
     -> Gaussian smoothing.
     """
     from agent.inference.preprocess import scaled_unit
@@ -131,11 +131,9 @@ def vae_anomaly_map(
         ch, cw = min(th, sh - y), min(tw, sw - x)
         diff = recon[i, 0, :ch, :cw] - scaled[y : y + ch, x : x + cw]
         sq = diff * diff
-        # Ignore a tile's outer border unless it touches the image edge: reconstructions are worst there.
-        top = b if y > 0 else 0
-        left = b if x > 0 else 0
-        bottom = ch - b if y + ch < sh else ch
-        right = cw - b if x + cw < sw else cw
+        # Ignore a tile's outer border: convolutions reconstruct worst there. Inside the image an
+        # overlapping tile covers it; at the image edge those few pixels are given up.
+        top, left, bottom, right = b, b, ch - b, cw - b
         region = residual[y + top : y + bottom, x + left : x + right]
         np.maximum(region, sq[top:bottom, left:right], out=region)
     # L2 normalisation, scaled by sqrt(pixels) so the map's level does not depend on image size.
