@@ -497,7 +497,7 @@ def moto_endpoint() -> Iterator[str]:
 def test_predict_reads_from_and_writes_to_s3(
     tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path], moto_endpoint: str
 ) -> None:
-    # given images uploaded under s3://xray/batch-7/
+    # given images uploaded under s3://xray-e2e/batch-7/ (moto shares state within a process: own bucket)
     import boto3
 
     creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -508,10 +508,10 @@ def test_predict_reads_from_and_writes_to_s3(
         aws_secret_access_key="test",
         region_name="us-east-1",
     )
-    client.create_bucket(Bucket="xray")
+    client.create_bucket(Bucket="xray-e2e")
     sources = {"a.png": images[8], "b.png": images[9], "line2/c.png": images[10]}
     for name, path in sources.items():
-        client.put_object(Bucket="xray", Key=f"batch-7/{name}", Body=path.read_bytes())
+        client.put_object(Bucket="xray-e2e", Key=f"batch-7/{name}", Body=path.read_bytes())
     env = agent_env(
         AWS_ENDPOINT_URL=moto_endpoint,
         AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
@@ -523,13 +523,13 @@ def test_predict_reads_from_and_writes_to_s3(
     # when
     done = agent(
         "predict", "--bundle", test_bundle, "--providers", "cpu",
-        "--input", "s3://xray/batch-7", "--output", "s3://xray/results/batch-7",
+        "--input", "s3://xray-e2e/batch-7", "--output", "s3://xray-e2e/results/batch-7",
         env=env,
     )  # fmt: skip
 
     # then the outputs are in the bucket: one result per image and readable annotated JPEGs
     assert done.returncode == 0, done.stderr[-3000:]
-    listed = client.list_objects_v2(Bucket="xray", Prefix="results/batch-7/")
+    listed = client.list_objects_v2(Bucket="xray-e2e", Prefix="results/batch-7/")
     keys = sorted(item["Key"] for item in listed["Contents"])
     assert keys == [
         "results/batch-7/annotated/a.jpg",
@@ -537,11 +537,11 @@ def test_predict_reads_from_and_writes_to_s3(
         "results/batch-7/annotated/line2_c.jpg",
         "results/batch-7/results.jsonl",
     ]
-    body = client.get_object(Bucket="xray", Key="results/batch-7/results.jsonl")["Body"].read().decode("utf-8")
+    body = client.get_object(Bucket="xray-e2e", Key="results/batch-7/results.jsonl")["Body"].read().decode("utf-8")
     results = read_results(body)
     assert sorted(r.meta["file"] for r in results) == sorted(sources)
     for result in results:
         assert_good(result, sources[result.meta["file"]], manifest)
-    jpeg = client.get_object(Bucket="xray", Key="results/batch-7/annotated/line2_c.jpg")["Body"].read()
+    jpeg = client.get_object(Bucket="xray-e2e", Key="results/batch-7/annotated/line2_c.jpg")["Body"].read()
     height, width = cv2.imread(str(sources["line2/c.png"]), cv2.IMREAD_GRAYSCALE).shape
     assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (height, width, 3)
