@@ -62,6 +62,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         learning_rate=args.lr,
         preset=getattr(args, "preset", None),
         pretrained=getattr(args, "pretrained", False),
+        init_from=Path(args.init_from) if getattr(args, "init_from", None) else None,
     )
     fn = {"vae": training.train_vae, "ssd": training.train_ssd, "classifier": training.train_classifier}[kind]
     out = fn(train, val, opts, split)
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
         p.add_argument("--lr", type=float, default=1e-3)
+        if kind == "ssd":
+            p.add_argument("--init-from", help="continue from the weights of an earlier SSD run (same preset)")
         if presets:
             p.add_argument("--preset", help=presets)
         if kind in ("ssd", "classifier"):

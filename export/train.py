@@ -49,6 +49,7 @@ class TrainOptions:
     learning_rate: float = 1e-3
     preset: str | None = None
     pretrained: bool = False
+    init_from: Path | None = None  # continue from an earlier run of the same kind and architecture
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -76,6 +77,20 @@ def _zoo(build: Callable[[], gluon.HybridBlock], what: str) -> gluon.HybridBlock
             f"--pretrained: could not get the GluonCV zoo weights for {what} ({err}); "
             "train from scratch without --pretrained, or pre-seed ~/.mxnet/models"
         ) from err
+
+
+def _continue_from(
+    opts: TrainOptions, kind: str, arch: dict[str, Any], prep: Preprocessing, net: gluon.HybridBlock, ctxs
+) -> Preprocessing:
+    """Load an earlier run's weights (`--init-from`); keep its preprocessing so the weights still fit."""
+    if opts.init_from is None:
+        return prep
+    record = read_run(opts.init_from, kind)
+    if record["architecture"] != arch:
+        raise ExportError(f"--init-from {opts.init_from}: architecture {record['architecture']} is not {arch}")
+    net.load_parameters(str(Path(opts.init_from) / PARAMS_FILE), ctx=ctxs)
+    logger.info("continuing from %s (%s epochs)", opts.init_from, record["training"]["epochs"])
+    return Preprocessing.model_validate(record["preprocessing"])
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -256,6 +271,7 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     for name, param in net.collect_params().items():
         if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
             param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
+    prep = _continue_from(opts, "ssd", {"preset": preset_name}, prep, net, ctxs)
     net.hybridize(static_alloc=True, static_shape=True)
     target_gen = SSDTargetGenerator(iou_thresh=0.5, stds=(0.1, 0.1, 0.2, 0.2), negative_mining_ratio=-1)
     # min_hard_negatives lets defect-free tiles teach the background too.
