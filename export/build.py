@@ -313,7 +313,8 @@ def calibrate(
         for pixel, area in itertools.product(candidates, (4, 16, 36, 64, 100)):
             trial = th.model_copy(update={"vae_pixel": float(pixel), "vae_min_area": int(area)})
             f1 = _study_avg_f1(_evals(outputs, samples, "vae", trial, gate=False))
-            if f1 > best[0]:
+            # Ties (e.g. all zero on a weak model) go to the most conservative setting: fewest boxes.
+            if (f1, pixel, area) > best:
                 best = (f1, float(pixel), int(area))
         th = th.model_copy(update={"vae_pixel": best[1], "vae_min_area": best[2]})
         figures["vae"] = {
