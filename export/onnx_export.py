@@ -40,6 +40,10 @@ def clean_graph(path: Path, input_name: str, output_names: list[str]) -> list[Te
     real_inputs = [i for i in model.graph.input if i.name not in init_names]
     del model.graph.input[:]
     model.graph.input.extend(real_inputs)
+    # Initializers no node reads (MXNet leaves e.g. a softmax constant behind) make ONNX Runtime warn.
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
     if len(real_inputs) != 1:
         raise ExportError(f"{path}: expected one graph input, found {[i.name for i in real_inputs]}")
     _rename(model, real_inputs[0].name, input_name)
