@@ -34,6 +34,7 @@ from agent.bundle.manifest import (
     Preprocessing,
     SSDPost,
     Thresholds,
+    TrainingSummary,
     VAEPost,
 )
 from agent.errors import ExportError, ParityError
@@ -222,8 +223,6 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
         post = VAEPost()
     else:
         post = ClassifierPost()
-    from agent.bundle.manifest import TrainingSummary
-
     return ModelSpec(
         kind=kind,  # type: ignore[arg-type]
         file=_file_ref(tmp, onnx_path),
@@ -240,7 +239,7 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
 _EMPTY = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
 
 
-def _evals(
+def localiser_evals(
     outputs: list[ModelOutputs], samples: list[Sample], kind: str, th: Thresholds, gate: bool = True
 ) -> list[metrics.ImageEval]:
     """Per-image records of one localiser used alone.
@@ -292,7 +291,7 @@ def calibrate(
     if "ssd" in kinds:
         tops = np.asarray([float(o.ssd_scores.max()) if o.ssd_scores.size else 0.0 for o in outputs])
         t_img, f1_img = metrics.best_f1_threshold(tops, labels)
-        evals = _evals(outputs, samples, "ssd", th, gate=False)
+        evals = localiser_evals(outputs, samples, "ssd", th, gate=False)
         all_scores = np.concatenate([o.ssd_scores for o in outputs] + [np.zeros(1, np.float32)])
         candidates = np.unique(np.quantile(all_scores, np.linspace(0.0, 1.0, 41)))
         best_box = max(((_study_avg_f1(evals, float(c)), float(c)) for c in candidates), key=lambda x: (x[0], x[1]))
@@ -312,7 +311,7 @@ def calibrate(
         best = (-1.0, float(candidates[0]), 16)
         for pixel, area in itertools.product(candidates, (4, 16, 36, 64, 100)):
             trial = th.model_copy(update={"vae_pixel": float(pixel), "vae_min_area": int(area)})
-            f1 = _study_avg_f1(_evals(outputs, samples, "vae", trial, gate=False))
+            f1 = _study_avg_f1(localiser_evals(outputs, samples, "vae", trial, gate=False))
             # Ties (e.g. all zero on a weak model) go to the most conservative setting: fewest boxes.
             if (f1, pixel, area) > best:
                 best = (f1, float(pixel), int(area))

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from agent.errors import DatasetError
 from agent.inference.engine import InferenceEngine
 from export import metrics
-from export.build import _evals
+from export.build import localiser_evals
 from export.data.base import Dataset
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def evaluate_bundle(bundle: Path, test: Dataset, providers: list[str] | None = N
         results["classifier"] = {"image": metrics.image_level(labels, decisions)}
     for kind in ("vae", "ssd"):
         if kind in kinds:
-            evals = _evals(outputs, samples, kind, th)
+            evals = localiser_evals(outputs, samples, kind, th)
             results[kind] = metrics.evaluate_method(evals, score_threshold=th.ssd_score if kind == "ssd" else 0.0)
     combined = []
     for s, o, p in zip(samples, outputs, predictions, strict=True):

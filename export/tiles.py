@@ -133,7 +133,7 @@ class TileSampler:
 
 
 def augment(tile: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, 90-degree rotations and a mild gain/offset: X-ray defects have no preferred orientation."""
+    """Flips and 90-degree rotations (defects have no preferred orientation), then exposure jitter."""
     s = tile.shape[0]
     boxes = boxes.copy()
     if rng.random() < 0.5:
@@ -145,9 +145,12 @@ def augment(tile: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> tu
     if rng.random() < 0.5:
         tile = tile.T
         boxes = boxes[:, [1, 0, 3, 2]]
-    gain = np.float32(rng.uniform(0.9, 1.1))
-    offset = np.float32(rng.uniform(-0.05, 0.05))
-    tile = np.clip(tile * gain + offset, 0.0, 1.0)
+    # Exposure differs from series to series (tube settings, detector gain): vary contrast, level
+    # and gamma widely so the models do not learn one series' grey levels.
+    gamma = np.float32(np.exp(rng.uniform(-0.35, 0.35)))
+    gain = np.float32(rng.uniform(0.7, 1.3))
+    offset = np.float32(rng.uniform(-0.15, 0.15))
+    tile = np.clip(np.power(np.clip(tile, 0.0, 1.0), gamma) * gain + offset, 0.0, 1.0)
     return np.ascontiguousarray(tile, dtype=np.float32), boxes
 
 
