@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from agent.bundle.manifest import SSDPost, VAEPost
-from agent.inference.preprocess import Layout
+from agent.inference.preprocess import Layout, scaled_unit
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int, block: int = 64) -> np.ndarray:
@@ -120,8 +120,6 @@ def vae_anomaly_map(
     -> L2-normalised over the image -> multiplied with the original for contrast
     -> Gaussian smoothing.
     """
-    from agent.inference.preprocess import scaled_unit
-
     scaled = scaled_unit(unit, layout)
     sh, sw = scaled.shape
     th, tw = tile_hw

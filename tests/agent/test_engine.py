@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ from agent.inference.engine import InferenceEngine
 @pytest.fixture(scope="module")
 def engine(test_bundle: Path) -> InferenceEngine:
     return InferenceEngine.load(test_bundle, providers=["cpu"])
+
+
+def _copy_with_manifest(bundle: Path, tmp_path: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of the bundle whose manifest.json was changed by `edit`."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    edit(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
 
 
 def _golden_image(bundle: Path) -> np.ndarray:
@@ -76,33 +87,26 @@ def test_missing_model_file_is_named(test_bundle: Path, tmp_path: Path) -> None:
 
 
 def test_manifest_with_unknown_key_is_refused(test_bundle: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "b"
-    shutil.copytree(test_bundle, copy)
-    data = json.loads((copy / "manifest.json").read_text())
-    data["surprise"] = 1
-    (copy / "manifest.json").write_text(json.dumps(data))
+    copy = _copy_with_manifest(test_bundle, tmp_path, lambda m: m.update(surprise=1))
     with pytest.raises(BundleError, match="surprise"):
         InferenceEngine.load(copy, providers=["cpu"])
 
 
 def test_changed_expected_output_fails_the_golden_check(test_bundle: Path, tmp_path: Path) -> None:
     # given a bundle whose golden expectation was altered (a model that no longer behaves as exported)
-    copy = tmp_path / "b"
-    shutil.copytree(test_bundle, copy)
-    data = json.loads((copy / "manifest.json").read_text())
-    data["golden"][0]["expected_scores"]["classifier"] += 0.25
-    (copy / "manifest.json").write_text(json.dumps(data))
+    def shift(m: dict) -> None:
+        m["golden"][0]["expected_scores"]["classifier"] += 0.25
+
+    copy = _copy_with_manifest(test_bundle, tmp_path, shift)
     # then loading refuses it before it could serve a frame
     with pytest.raises(BundleError, match="golden-image check failed"):
         InferenceEngine.load(copy, providers=["cpu"])
 
 
 def test_path_outside_the_bundle_is_refused(test_bundle: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "b"
-    shutil.copytree(test_bundle, copy)
-    data = json.loads((copy / "manifest.json").read_text())
-    data["models"]["vae"]["file"]["path"] = "../../etc/passwd"
-    (copy / "manifest.json").write_text(json.dumps(data))
+    copy = _copy_with_manifest(
+        test_bundle, tmp_path, lambda m: m["models"]["vae"]["file"].update(path="../../etc/passwd")
+    )
     with pytest.raises(BundleError, match="outside the bundle"):
         InferenceEngine.load(copy, providers=["cpu"])
 
