@@ -1,5 +1,5 @@
 """`python -m agent`: the same as `lineside-agent`."""
 
-from agent.cli import main
+from lineside.agent.cli import main
 
 raise SystemExit(main())

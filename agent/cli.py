@@ -21,15 +21,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.config import EXIT_CONFIG, AgentConfig, load_config
-from agent.errors import BundleError, ConfigError, InferenceError, LinesideError, SourceError
-from agent.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
-from agent.results import Frame, FrameError
-from agent.sources.base import error_frame, frame_from_bytes
+from lineside.agent.config import EXIT_CONFIG, AgentConfig, load_config
+from lineside.agent.errors import BundleError, ConfigError, InferenceError, LinesideError, SourceError
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
+from lineside.agent.results import Frame, FrameError
+from lineside.agent.sources.base import error_frame, frame_from_bytes
 
 if TYPE_CHECKING:
-    from agent.inference.engine import InferenceEngine
-    from agent.pipeline import Inspector
+    from lineside.agent.inference.engine import InferenceEngine
+    from lineside.agent.pipeline import Inspector
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _summary(config: AgentConfig) -> str:
 
 def _load_engine(bundle: Path, **kwargs: Any) -> InferenceEngine:
     # Imported here: onnxruntime is heavy, and check-config must work without it.
-    from agent.inference.engine import InferenceEngine
+    from lineside.agent.inference.engine import InferenceEngine
 
     return InferenceEngine.load(bundle, **kwargs)
 
@@ -94,9 +94,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or until a finite source is exhausted)."""
-    from agent.pipeline import Pipeline
-    from agent.sinks import create_sink
-    from agent.sources import create_source
+    from lineside.agent.pipeline import Pipeline
+    from lineside.agent.sinks import create_sink
+    from lineside.agent.sources import create_source
 
     try:
         config = load_config(args.config)
@@ -187,9 +187,9 @@ def _engine_for_command(args: argparse.Namespace) -> Any:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Inspect image files; one JSON result per image on stdout."""
-    from agent.pipeline import inspect_frame
-    from agent.sinks.annotate import AnnotateSink
-    from agent.sinks.jsonl import JsonlSink
+    from lineside.agent.pipeline import inspect_frame
+    from lineside.agent.sinks.annotate import AnnotateSink
+    from lineside.agent.sinks.jsonl import JsonlSink
 
     configure_logging(args.log_level or "WARNING")
     engine = _engine_for_command(args)
@@ -298,10 +298,10 @@ def predict_batch(
 
     Returns (images, errors). Outputs are staged locally and uploaded at the end for remote stores.
     """
-    from agent.pipeline import inspect_frame
-    from agent.sinks.annotate import AnnotateSink
-    from agent.sinks.base import Sink
-    from agent.sinks.jsonl import JsonlSink
+    from lineside.agent.pipeline import inspect_frame
+    from lineside.agent.sinks.annotate import AnnotateSink
+    from lineside.agent.sinks.base import Sink
+    from lineside.agent.sinks.jsonl import JsonlSink
 
     local = output_store.root if isinstance(output_store, LocalStore) else None
     with tempfile.TemporaryDirectory(prefix="lineside-predict-") as tmp:

@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import ConfigError
-from agent.imaging import DEFAULT_MAX_PIXELS
+from lineside.agent.errors import ConfigError
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd units list it in RestartPreventExitStatus=
 

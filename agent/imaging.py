@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.errors import ImageDecodeError
+from lineside.agent.errors import ImageDecodeError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8k x 8k: far beyond any detector panel, well below a bomb
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import DatasetError
+from lineside.agent.errors import DatasetError
 
 CLASSIFICATION_TYPE = "groundtruth/image-classification"
 DETECTION_TYPE = "groundtruth/object-detection"

@@ -29,11 +29,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.config import QueueConfig, QueuePolicy
-from agent.inference.types import Prediction
-from agent.results import Frame, FrameError, InspectionResult, ResultBox, ResultError
-from agent.sinks.base import Sink
-from agent.sources.base import FrameSource
+from lineside.agent.config import QueueConfig, QueuePolicy
+from lineside.agent.inference.types import Prediction
+from lineside.agent.results import Frame, FrameError, InspectionResult, ResultBox, ResultError
+from lineside.agent.sinks.base import Sink
+from lineside.agent.sources.base import FrameSource
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from agent.config import QueueConfig, ReplaySourceConfig
-from agent.imaging import decode_image
-from agent.inference.engine import InferenceEngine, provider_list
-from agent.inference.preprocess import BatchBuilder, layout_for, windowed
-from agent.pipeline import Pipeline
-from agent.results import Frame, InspectionResult
-from agent.sinks.base import Sink
-from agent.sinks.jsonl import JsonlSink
-from agent.sources.replay import ReplaySource
+from lineside.agent.config import QueueConfig, ReplaySourceConfig
+from lineside.agent.imaging import decode_image
+from lineside.agent.inference.engine import InferenceEngine, provider_list
+from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
+from lineside.agent.pipeline import Pipeline
+from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.sinks.base import Sink
+from lineside.agent.sinks.jsonl import JsonlSink
+from lineside.agent.sources.replay import ReplaySource
 
 STAGES = ("decode", "preprocess", "classifier", "classifier_post", "vae", "vae_post", "ssd", "ssd_post", "decide")
 SUFFIXES = (".png", ".tif", ".tiff")

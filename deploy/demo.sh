@@ -60,8 +60,8 @@ sinks:
     folder: $OUT/annotated
     only_defective: false
 YAML
-"$AGENT_PYTHON" -m agent.cli check-config "$OUT/agent.yaml"
-"$AGENT_PYTHON" -m agent.cli run --config "$OUT/agent.yaml"
+"$AGENT_PYTHON" -m lineside.agent.cli check-config "$OUT/agent.yaml"
+"$AGENT_PYTHON" -m lineside.agent.cli run --config "$OUT/agent.yaml"
 
 "$AGENT_PYTHON" - "$OUT" <<'PY'
 import json, sys

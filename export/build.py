@@ -22,8 +22,8 @@ from typing import Any
 import mxnet as mx
 import numpy as np
 
-from agent.bundle.loader import LoadedBundle, sha256_file, verify_files
-from agent.bundle.manifest import (
+from lineside.agent.bundle.loader import LoadedBundle, sha256_file, verify_files
+from lineside.agent.bundle.manifest import (
     BundleManifest,
     ClassifierPost,
     DatasetSummary,
@@ -37,16 +37,16 @@ from agent.bundle.manifest import (
     TrainingSummary,
     VAEPost,
 )
-from agent.errors import ExportError, ParityError
-from agent.imaging import read_image
-from agent.inference import postprocess
-from agent.inference.engine import InferenceEngine
-from agent.inference.preprocess import BatchBuilder, layout_for, windowed
-from agent.inference.types import ModelOutputs
-from export import metrics
-from export.data.base import Dataset, Sample
-from export.onnx_export import check_parity, export_block
-from export.train import PARAMS_FILE, read_run
+from lineside.agent.errors import ExportError, ParityError
+from lineside.agent.imaging import read_image
+from lineside.agent.inference import postprocess
+from lineside.agent.inference.engine import InferenceEngine
+from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
+from lineside.agent.inference.types import ModelOutputs
+from lineside.export import metrics
+from lineside.export.data.base import Dataset, Sample
+from lineside.export.onnx_export import check_parity, export_block
+from lineside.export.train import PARAMS_FILE, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +115,18 @@ def _load_net(kind: str, run: Path, record: dict[str, Any]) -> tuple[mx.gluon.Hy
     arch = record["architecture"]
     params = str(run / PARAMS_FILE)
     if kind == "ssd":
-        from export.models.ssd import PRESETS, SSDRawHeads, build_ssd
+        from lineside.export.models.ssd import PRESETS, SSDRawHeads, build_ssd
 
         net = build_ssd(PRESETS[arch["preset"]])
         net.load_parameters(params, ctx=mx.cpu())
         return net, SSDRawHeads(net), f"ssd {arch['preset']}"
     if kind == "classifier":
-        from export.models.classifier import ClassifierExport, build_classifier
+        from lineside.export.models.classifier import ClassifierExport, build_classifier
 
         net = build_classifier(arch["backbone"])
         net.load_parameters(params, ctx=mx.cpu())
         return net, ClassifierExport(net), f"classifier {arch['backbone']} tiles, max aggregation"
-    from export.models.vae import ConvVAE, VAEExport
+    from lineside.export.models.vae import ConvVAE, VAEExport
 
     net = ConvVAE(latent_channels=arch["latent_channels"], width=arch["width"])
     net.load_parameters(params, ctx=mx.cpu())
@@ -208,7 +208,7 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> Model
     parity = check_parity(view, onnx_path, INPUT_NAME, batches, {n: TOLERANCE[n] for n in OUTPUT_NAMES[kind]})
     post: ClassifierPost | VAEPost | SSDPost
     if kind == "ssd":
-        from export.models.ssd import anchors_of
+        from lineside.export.models.ssd import anchors_of
 
         anchors = anchors_of(net, th, mx.cpu()).asnumpy().astype(np.float32)
         anchor_path = tmp / "ssd_anchors.npy"
@@ -357,7 +357,7 @@ def calibrate(
 
 def _golden(tmp: Path, engine: InferenceEngine, seed: int = 7) -> list[GoldenImage]:
     """A few synthetic radiographs (never GDXray: its terms forbid redistribution) with expected outputs."""
-    from export.synth import generate
+    from lineside.export.synth import generate
 
     golden_dir = tmp / "golden"
     with tempfile.TemporaryDirectory(prefix="lineside-golden-") as work:
@@ -384,7 +384,7 @@ def _exporter_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    from agent import __version__
+    from lineside.agent import __version__
 
     return {
         "lineside": __version__,

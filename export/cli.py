@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from agent.errors import LinesideError
+from lineside.agent.errors import LinesideError
 
-logger = logging.getLogger("export")
+logger = logging.getLogger("lineside.export")
 
 
 def _gpus(text: str) -> list[int]:
@@ -34,8 +34,8 @@ def _datasets(data: str, split_file: str | None):
     Without a split file, GDXray gets the documented default series split; other data sets are
     split by group with fixed fractions and seed.
     """
-    from export.data import open_dataset
-    from export.data.splits import GDXRAY_DEFAULT_SPLIT, apply, load_split, split_groups
+    from lineside.export.data import open_dataset
+    from lineside.export.data.splits import GDXRAY_DEFAULT_SPLIT, apply, load_split, split_groups
 
     dataset = open_dataset(data)
     if split_file:
@@ -49,7 +49,7 @@ def _datasets(data: str, split_file: str | None):
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
-    from export import train as training
+    from lineside.export import train as training
 
     _, train, val, _test, split = _datasets(args.data, args.split)
     opts = training.TrainOptions(
@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from export.synth import generate
+    from lineside.export.synth import generate
 
     summary = generate(
         Path(args.out),
@@ -87,7 +87,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from export.build import BuildOptions, build_bundle, dataset_summary
+    from lineside.export.build import BuildOptions, build_bundle, dataset_summary
 
     dataset, train, val, test, _split = _datasets(args.calib, args.split)
     calib = val if val.samples else dataset
@@ -110,12 +110,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from export.evaluate import evaluate_bundle
-    from export.metrics import format_table
+    from lineside.export.evaluate import evaluate_bundle
+    from lineside.export.metrics import format_table
 
     _, _train, _val, test, _split = _datasets(args.data, args.split)
     if args.all:
-        from export.data import open_dataset
+        from lineside.export.data import open_dataset
 
         test = open_dataset(args.data)
     report = evaluate_bundle(Path(args.bundle), test, providers=args.providers.split(","))

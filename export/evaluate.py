@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from agent.errors import DatasetError
-from agent.inference.engine import InferenceEngine
-from export import metrics
-from export.build import localiser_evals
-from export.data.base import Dataset
+from lineside.agent.errors import DatasetError
+from lineside.agent.inference.engine import InferenceEngine
+from lineside.export import metrics
+from lineside.export.build import localiser_evals
+from lineside.export.data.base import Dataset
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import shape_inference
 
-from agent.bundle.manifest import ParityReport, TensorSpec
-from agent.errors import ExportError, ParityError
+from lineside.agent.bundle.manifest import ParityReport, TensorSpec
+from lineside.agent.errors import ExportError, ParityError
 
 logger = logging.getLogger(__name__)
 

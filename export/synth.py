@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.errors import DatasetError
+from lineside.agent.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

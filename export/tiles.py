@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from agent.bundle.manifest import Preprocessing
-from agent.errors import DatasetError
-from agent.inference.preprocess import windowed
-from export.data.base import Dataset
+from lineside.agent.bundle.manifest import Preprocessing
+from lineside.agent.errors import DatasetError
+from lineside.agent.inference.preprocess import windowed
+from lineside.export.data.base import Dataset
 
 
 @dataclass

@@ -23,12 +23,12 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from agent.bundle.manifest import Preprocessing, TrainingSummary
-from agent.errors import DatasetError, ExportError
-from agent.inference.preprocess import normalise_tiles
-from export.data.base import Dataset
-from export.data.splits import Split
-from export.tiles import LoadedImage, TileSampler, augment, intensity_stats, load_images
+from lineside.agent.bundle.manifest import Preprocessing, TrainingSummary
+from lineside.agent.errors import DatasetError, ExportError
+from lineside.agent.inference.preprocess import normalise_tiles
+from lineside.export.data.base import Dataset
+from lineside.export.data.splits import Split
+from lineside.export.tiles import LoadedImage, TileSampler, augment, intensity_stats, load_images
 
 logger = logging.getLogger(__name__)
 TRAIN_FILE = "train.json"
@@ -243,7 +243,7 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     from gluoncv.loss import SSDMultiBoxLoss
     from gluoncv.model_zoo.ssd.target import SSDTargetGenerator
 
-    from export.models.ssd import PRESETS, anchors_of, build_ssd
+    from lineside.export.models.ssd import PRESETS, anchors_of, build_ssd
 
     preset_name = opts.preset or "tile256-mobilenet0.25"
     if preset_name not in PRESETS:
@@ -365,7 +365,7 @@ def _cls_batch(sampler: TileSampler, n: int, rng, do_augment: bool):
 
 
 def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
-    from export.models.classifier import CLASSIFIER_TILE, build_classifier
+    from lineside.export.models.classifier import CLASSIFIER_TILE, build_classifier
 
     backbone = opts.preset or "mobilenet0.25"
     size = CLASSIFIER_TILE
@@ -432,7 +432,7 @@ VAE_TILE = 128
 
 def train_vae(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
     """Unsupervised: trains on defect-free tiles only (unannotated series count as mostly normal)."""
-    from export.models.vae import ConvVAE, vae_loss
+    from lineside.export.models.vae import ConvVAE, vae_loss
 
     width, latent, beta = 16, 8, 0.5
     rng = seed_everything(opts.seed)

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 small synthetic radiographs (286x384) in the GDXray layout, 8-bit."""
-    from export.synth import generate
+    from lineside.export.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(out, images=48, seed=3, size=(286, 384), images_per_series=8)
@@ -45,8 +45,8 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """Each model trained for a few real MXNet iterations on the synthetic set."""
     if not HAS_MXNET:
         pytest.skip("MXNet is not installed in this environment (agent-only venv)")
-    from export.cli import _datasets
-    from export.train import TrainOptions, train_classifier, train_ssd, train_vae
+    from lineside.export.cli import _datasets
+    from lineside.export.train import TrainOptions, train_classifier, train_ssd, train_vae
 
     _, train, val, _test, split = _datasets(str(synth_dir), None)
     root = tmp_path_factory.mktemp("runs")
@@ -68,8 +68,8 @@ def test_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
                 "(make test does this)"
             )
         return Path(given)
-    from export.build import BuildOptions, build_bundle, dataset_summary
-    from export.cli import _datasets
+    from lineside.export.build import BuildOptions, build_bundle, dataset_summary
+    from lineside.export.cli import _datasets
 
     runs: dict[str, Path] = request.getfixturevalue("trained_runs")
     synth: Path = request.getfixturevalue("synth_dir")

@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.bundle.manifest import BundleManifest, FileRef
-from agent.errors import BundleError
+from lineside.agent.bundle.manifest import BundleManifest, FileRef
+from lineside.agent.errors import BundleError
 
 logger = logging.getLogger(__name__)
 

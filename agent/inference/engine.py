@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.bundle.loader import LoadedBundle, load_bundle
-from agent.bundle.manifest import BundleManifest, ModelSpec, Preprocessing, SSDPost, Thresholds, VAEPost
-from agent.errors import BundleError, InferenceError
-from agent.imaging import read_image
-from agent.inference import postprocess as post
-from agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
-from agent.inference.types import Detection, ModelOutputs, Prediction
+from lineside.agent.bundle.loader import LoadedBundle, load_bundle
+from lineside.agent.bundle.manifest import BundleManifest, ModelSpec, Preprocessing, SSDPost, Thresholds, VAEPost
+from lineside.agent.errors import BundleError, InferenceError
+from lineside.agent.imaging import read_image
+from lineside.agent.inference import postprocess as post
+from lineside.agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
+from lineside.agent.inference.types import Detection, ModelOutputs, Prediction
 
 logger = logging.getLogger(__name__)
 

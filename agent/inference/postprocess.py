@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from agent.bundle.manifest import SSDPost, VAEPost
-from agent.inference.preprocess import Layout, scaled_unit
+from lineside.agent.bundle.manifest import SSDPost, VAEPost
+from lineside.agent.inference.preprocess import Layout, scaled_unit
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int, block: int = 64) -> np.ndarray:

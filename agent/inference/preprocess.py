@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.bundle.manifest import Preprocessing
-from agent.imaging import to_unit_range
+from lineside.agent.bundle.manifest import Preprocessing
+from lineside.agent.imaging import to_unit_range
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:

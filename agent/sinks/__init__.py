@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agent.config import AnnotateSinkConfig, JsonlSinkConfig
-from agent.errors import ConfigError
-from agent.sinks.annotate import AnnotateSink
-from agent.sinks.base import Sink
-from agent.sinks.jsonl import JsonlSink
+from lineside.agent.config import AnnotateSinkConfig, JsonlSinkConfig
+from lineside.agent.errors import ConfigError
+from lineside.agent.sinks.annotate import AnnotateSink
+from lineside.agent.sinks.base import Sink
+from lineside.agent.sinks.jsonl import JsonlSink
 
 SINKS: dict[str, Callable[[Any], Sink]] = {
     "jsonl": JsonlSink.from_config,

@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.config import AnnotateSinkConfig
-from agent.imaging import IMAGE_SUFFIXES
-from agent.results import Frame, InspectionResult
-from agent.sinks.base import Sink
+from lineside.agent.config import AnnotateSinkConfig
+from lineside.agent.imaging import IMAGE_SUFFIXES
+from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.sinks.base import Sink
 
 # BGR. Distinct hues so an operator can tell which model found a defect.
 BOX_COLOURS = {"ssd": (0, 0, 255), "vae": (255, 160, 0)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from agent.results import Frame, InspectionResult
+from lineside.agent.results import Frame, InspectionResult
 
 
 class Sink(ABC):

@@ -10,9 +10,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
-from agent.config import JsonlSinkConfig
-from agent.results import Frame, InspectionResult
-from agent.sinks.base import Sink
+from lineside.agent.config import JsonlSinkConfig
+from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.sinks.base import Sink
 
 logger = logging.getLogger(__name__)
 

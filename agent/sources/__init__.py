@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from agent.config import CameraSourceConfig, FolderSourceConfig, ReplaySourceConfig
-from agent.errors import ConfigError
-from agent.sources.base import FrameSource
-from agent.sources.camera import CameraSource
-from agent.sources.folder import FolderSource
-from agent.sources.replay import ReplaySource
+from lineside.agent.config import CameraSourceConfig, FolderSourceConfig, ReplaySourceConfig
+from lineside.agent.errors import ConfigError
+from lineside.agent.sources.base import FrameSource
+from lineside.agent.sources.camera import CameraSource
+from lineside.agent.sources.folder import FolderSource
+from lineside.agent.sources.replay import ReplaySource
 
 SOURCES: dict[str, type[FrameSource]] = {
     "folder": FolderSource,

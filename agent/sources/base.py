@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from agent.config import QueuePolicy
-from agent.errors import ImageDecodeError
-from agent.imaging import decode_image
-from agent.results import Frame, FrameError
+from lineside.agent.config import QueuePolicy
+from lineside.agent.errors import ImageDecodeError
+from lineside.agent.imaging import decode_image
+from lineside.agent.results import Frame, FrameError
 
 
 class FrameSource(ABC):

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 import cv2
 import numpy as np
 
-from agent.config import CameraSourceConfig
-from agent.results import Frame
-from agent.sources.base import FrameSource
+from lineside.agent.config import CameraSourceConfig
+from lineside.agent.results import Frame
+from lineside.agent.sources.base import FrameSource
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.config import FolderSourceConfig
-from agent.errors import SourceError
-from agent.results import Frame, FrameError
-from agent.sources.base import FrameSource, error_frame, frame_from_bytes
+from lineside.agent.config import FolderSourceConfig
+from lineside.agent.errors import SourceError
+from lineside.agent.results import Frame, FrameError
+from lineside.agent.sources.base import FrameSource, error_frame, frame_from_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from agent.config import ReplaySourceConfig
-from agent.errors import SourceError
-from agent.results import Frame, FrameError
-from agent.sources.base import FrameSource, error_frame, frame_from_bytes
+from lineside.agent.config import ReplaySourceConfig
+from lineside.agent.errors import SourceError
+from lineside.agent.results import Frame, FrameError
+from lineside.agent.sources.base import FrameSource, error_frame, frame_from_bytes
 
 logger = logging.getLogger(__name__)
 

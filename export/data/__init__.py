@@ -1,7 +1,7 @@
 """Data set readers: GDXray folders, study folders, Lookout for Vision manifests, and group splits."""
 
-from export.data.base import Box, Dataset, Sample, open_dataset, read_bytes
-from export.data.splits import GDXRAY_DEFAULT_SPLIT, Split, apply, load_split, split_groups
+from lineside.export.data.base import Box, Dataset, Sample, open_dataset, read_bytes
+from lineside.export.data.splits import GDXRAY_DEFAULT_SPLIT, Split, apply, load_split, split_groups
 
 __all__ = [
     "GDXRAY_DEFAULT_SPLIT",

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import DatasetError
-from agent.imaging import DEFAULT_MAX_PIXELS, decode_image
+from lineside.agent.errors import DatasetError
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def open_dataset(location: str | Path) -> Dataset:
     - a folder with `Castings/`, series folders of images, or a single series folder -> GDXray
     """
     # Imported here: the readers import this module for Box/Sample/Dataset.
-    from export.data import gdxray, lfv, study
+    from lineside.export.data import gdxray, lfv, study
 
     text = str(location)
     if text.startswith("s3://"):

@@ -13,9 +13,9 @@ import math
 import re
 from pathlib import Path
 
-from agent.errors import DatasetError
-from agent.imaging import IMAGE_SUFFIXES
-from export.data.base import Box, Dataset, Sample, clip_box, image_size
+from lineside.agent.errors import DatasetError
+from lineside.agent.imaging import IMAGE_SUFFIXES
+from lineside.export.data.base import Box, Dataset, Sample, clip_box, image_size
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import posixpath
 from collections.abc import Iterable
 from pathlib import Path
 
-from agent.errors import DatasetError
-from agent.lfv_manifest import ManifestLine, build_line, parse_line, to_line
-from export.data.base import Box, Dataset, Sample, clip_box, image_size, read_bytes, split_s3_uri
+from lineside.agent.errors import DatasetError
+from lineside.agent.lfv_manifest import ManifestLine, build_line, parse_line, to_line
+from lineside.export.data.base import Box, Dataset, Sample, clip_box, image_size, read_bytes, split_s3_uri
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import DatasetError
-from export.data.base import Dataset
+from lineside.agent.errors import DatasetError
+from lineside.export.data.base import Dataset
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.inference.types import Detection, Prediction
+from lineside.agent.inference.types import Detection, Prediction
 
 
 def png_bytes(height: int = 32, width: int = 40, *, value: int = 100, dtype: type = np.uint8) -> bytes:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import agent.cli
-from agent.cli import configure_logging, main, open_store, predict_batch
+import lineside.agent.cli
+from lineside.agent.cli import configure_logging, main, open_store, predict_batch
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +157,7 @@ def test_run_serves_a_finite_source_into_the_configured_sinks_and_exits_0(
         asked.update(kwargs, bundle=bundle)
         return engine
 
-    monkeypatch.setattr(agent.cli, "_load_engine", fake_load)
+    monkeypatch.setattr(lineside.agent.cli, "_load_engine", fake_load)
     results = tmp_path / "results.jsonl"
     config = tmp_path / "agent.yaml"
     config.write_text(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
+from lineside.agent.config import (
     EXIT_CONFIG,
     CameraSourceConfig,
     FolderSourceConfig,
@@ -16,7 +16,7 @@ from agent.config import (
     parse_config,
     resolve_secret,
 )
-from agent.errors import ConfigError
+from lineside.agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "agent.example.yaml"
@@ -182,7 +182,7 @@ def test_secret_prefers_systemd_credentials_over_environment(tmp_path: Path, mon
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "lineside.agent.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=60
     )
 
 
@@ -215,7 +215,7 @@ def test_run_with_invalid_config_exits_78_before_loading_anything(tmp_path: Path
 
     # when
     proc = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--config", str(path)],
+        [sys.executable, "-m", "lineside.agent", "run", "--config", str(path)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.bundle.manifest import BundleManifest
-from agent.errors import BundleError, InferenceError
-from agent.imaging import read_image
-from agent.inference.engine import InferenceEngine
+from lineside.agent.bundle.manifest import BundleManifest
+from lineside.agent.errors import BundleError, InferenceError
+from lineside.agent.imaging import read_image
+from lineside.agent.inference.engine import InferenceEngine
 
 
 @pytest.fixture(scope="module")

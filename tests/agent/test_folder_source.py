@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import FolderSourceConfig
-from agent.errors import SourceError
-from agent.results import Frame
-from agent.sources import create_source
-from agent.sources.folder import LEDGER_NAME, FolderSource
+from lineside.agent.config import FolderSourceConfig
+from lineside.agent.errors import SourceError
+from lineside.agent.results import Frame
+from lineside.agent.sources import create_source
+from lineside.agent.sources.folder import LEDGER_NAME, FolderSource
 
 
 def make_source(hot: Path, **overrides: object) -> FolderSource:

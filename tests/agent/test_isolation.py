@@ -12,16 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import sys, pkgutil, importlib
-import agent
-for m in pkgutil.walk_packages(agent.__path__, "agent."):
+import lineside.agent
+for m in pkgutil.walk_packages(lineside.agent.__path__, "lineside.agent."):
     if not m.name.endswith("__main__"):
         importlib.import_module(m.name)
-from agent.cli import main
+from lineside.agent.cli import main
 try:
     main(["--help"])
 except SystemExit:
     pass
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("mxnet", "gluoncv", "export", "onnx"))
+bad = sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in ("mxnet", "gluoncv", "onnx", "agent", "export") or m.startswith("lineside.export")
+)
 import numpy
 print("numpy", numpy.__version__)
 print("forbidden", bad)

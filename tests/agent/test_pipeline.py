@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import FolderSourceConfig, QueueConfig, ReplaySourceConfig
-from agent.pipeline import Pipeline, inspect_frame
-from agent.results import Frame, InspectionResult
-from agent.sinks import JsonlSink
-from agent.sinks.base import Sink
-from agent.sources import FolderSource, ReplaySource
-from agent.sources.base import frame_from_bytes
+from lineside.agent.config import FolderSourceConfig, QueueConfig, ReplaySourceConfig
+from lineside.agent.pipeline import Pipeline, inspect_frame
+from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.sinks import JsonlSink
+from lineside.agent.sinks.base import Sink
+from lineside.agent.sources import FolderSource, ReplaySource
+from lineside.agent.sources.base import frame_from_bytes
 
 
 class RecordingSink(Sink):

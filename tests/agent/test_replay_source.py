@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.config import CameraSourceConfig, ReplaySourceConfig
-from agent.errors import SourceError
-from agent.sources import CameraSource, ReplaySource, create_source
+from lineside.agent.config import CameraSourceConfig, ReplaySourceConfig
+from lineside.agent.errors import SourceError
+from lineside.agent.sources import CameraSource, ReplaySource, create_source
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.config import AnnotateSinkConfig, JsonlSinkConfig
-from agent.errors import ConfigError
-from agent.results import Frame, InspectionResult, ResultBox, result_id_for
-from agent.sinks import AnnotateSink, JsonlSink, create_sink
-from agent.sinks.annotate import to_display
+from lineside.agent.config import AnnotateSinkConfig, JsonlSinkConfig
+from lineside.agent.errors import ConfigError
+from lineside.agent.results import Frame, InspectionResult, ResultBox, result_id_for
+from lineside.agent.sinks import AnnotateSink, JsonlSink, create_sink
+from lineside.agent.sinks.annotate import to_display
 
 
 def make_frame(name: str, image: np.ndarray | None = None) -> Frame:

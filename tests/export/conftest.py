@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from export.data.base import reset_s3_client
-from export.synth import SynthSummary, generate
+from lineside.export.data.base import reset_s3_client
+from lineside.export.synth import SynthSummary, generate
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = (192, 256)  # (height, width): small enough to keep the suite fast, large enough for 40 px defects

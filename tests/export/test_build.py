@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle.loader import load_bundle, sha256_file
-from agent.bundle.manifest import BundleManifest
-from agent.errors import BundleError, ExportError
+from lineside.agent.bundle.loader import load_bundle, sha256_file
+from lineside.agent.bundle.manifest import BundleManifest
+from lineside.agent.errors import BundleError, ExportError
 
 pytestmark = pytest.mark.export
 mx = pytest.importorskip("mxnet")
@@ -65,8 +65,8 @@ def test_tampered_model_file_is_named_in_the_error(test_bundle: Path, tmp_path: 
 
 
 def test_failed_build_leaves_no_bundle_behind(trained_runs: dict[str, Path], synth_dir: Path, tmp_path: Path) -> None:
-    from export.build import BuildOptions, build_bundle
-    from export.data import open_dataset
+    from lineside.export.build import BuildOptions, build_bundle
+    from lineside.export.data import open_dataset
 
     # given a classifier run whose parameters are truncated
     broken = tmp_path / "cls"
@@ -84,8 +84,8 @@ def test_failed_build_leaves_no_bundle_behind(trained_runs: dict[str, Path], syn
 def test_build_refuses_to_overwrite_without_force(
     trained_runs: dict[str, Path], synth_dir: Path, tmp_path: Path
 ) -> None:
-    from export.build import BuildOptions, build_bundle
-    from export.data import open_dataset
+    from lineside.export.build import BuildOptions, build_bundle
+    from lineside.export.data import open_dataset
 
     out = tmp_path / "bundle"
     out.mkdir()
@@ -102,7 +102,7 @@ def test_evaluate_cli_prints_the_study_table_and_writes_json(
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "lineside.export.cli",
             "evaluate",
             "--bundle",
             str(test_bundle),
@@ -131,7 +131,7 @@ def test_train_cli_rejects_a_missing_dataset_path(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "lineside.export.cli",
             "train-vae",
             "--data",
             str(tmp_path / "nope"),
@@ -156,7 +156,7 @@ def test_train_cli_rejects_an_empty_training_set(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "lineside.export.cli",
             "train-ssd",
             "--data",
             str(tmp_path / "data"),

@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.errors import DatasetError
-from agent.lfv_manifest import build_line, parse_line, to_line
-from export.data import GDXRAY_DEFAULT_SPLIT, Box, Split, apply, load_split, open_dataset, split_groups
-from export.data.lfv import write_manifest
-from export.data.splits import GDXRAY_LINKED_SERIES
-from export.synth import SynthSummary
+from lineside.agent.errors import DatasetError
+from lineside.agent.lfv_manifest import build_line, parse_line, to_line
+from lineside.export.data import GDXRAY_DEFAULT_SPLIT, Box, Split, apply, load_split, open_dataset, split_groups
+from lineside.export.data.lfv import write_manifest
+from lineside.export.data.splits import GDXRAY_LINKED_SERIES
+from lineside.export.synth import SynthSummary
 
 # series: (images, boxes, images with defects), from the GDXray README's table
 GDXRAY_TABLE = {

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from export.metrics import (
+from lineside.export.metrics import (
     ImageEval,
     average_precision,
     best_box_threshold,

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import DatasetError
-from agent.imaging import read_image, to_unit_range
-from export.data import open_dataset
-from export.synth import SynthSummary, generate
+from lineside.agent.errors import DatasetError
+from lineside.agent.imaging import read_image, to_unit_range
+from lineside.export.data import open_dataset
+from lineside.export.synth import SynthSummary, generate
 
 SMALL = (192, 256)  # (height, width), as the synth_set fixture
 

@@ -1,7 +1,7 @@
 """The agent CLI as real processes on CPU with a real bundle: inspect, run (hot folder), crash and
 restart, config errors, a tampered bundle, and batch prediction to a folder and to S3 (moto server).
 
-Every process is started as `python -m agent.cli` with the interpreter running the tests, so the venv
+Every process is started as `python -m lineside.agent.cli` with the interpreter running the tests, so the venv
 under test (full or agent-only) is the one exercised.
 """
 
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.bundle.manifest import BundleManifest
-from agent.results import InspectionResult
+from lineside.agent.bundle.manifest import BundleManifest
+from lineside.agent.results import InspectionResult
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +49,9 @@ def agent_env(**extra: str) -> dict[str, str]:
 
 
 def agent(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """Run `python -m agent.cli ARGS` to completion."""
+    """Run `python -m lineside.agent.cli ARGS` to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *map(str, args)],
+        [sys.executable, "-m", "lineside.agent.cli", *map(str, args)],
         cwd=REPO,
         env=env or agent_env(),
         capture_output=True,
@@ -61,13 +61,13 @@ def agent(*args: str | Path, env: dict[str, str] | None = None, timeout: float =
 
 
 class Daemon:
-    """A `python -m agent.cli run` process with its stderr in a file (a pipe could fill up and block it)."""
+    """A `python -m lineside.agent.cli run` process with its stderr in a file (a pipe could fill up and block it)."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.log = log
         self._log_file: IO[bytes] = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "lineside.agent.cli", "run", "--config", str(config)],
             cwd=REPO,
             env=agent_env(),
             stdout=self._log_file,
