@@ -9,33 +9,37 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError
 
-from lineside.agent.errors import ConfigError
-from lineside.agent.imaging import DEFAULT_MAX_PIXELS
+from lineside.agent.errors import EXIT_CONFIG, ConfigError
+from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
+from lineside.agent.services.status_log import StatusLogConfig
+from lineside.agent.sinks import SinkConfig
+from lineside.agent.sinks.jsonl import JsonlSinkConfig
+from lineside.agent.sources import SourceConfig
 
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd units list it in RestartPreventExitStatus=
+__all__ = ["EXIT_CONFIG", "AgentConfig", "ConfigError", "load_config", "parse_config", "resolve_secret"]
 
 ProviderName = Literal["tensorrt", "cuda", "cpu"]
-QueuePolicy = Literal["drop_oldest", "block"]
-DEFAULT_PATTERNS = ["*.png", "*.tif", "*.tiff", "*.jpg", "*.jpeg"]
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BundleConfig(_Config):
+class BundleConfig(StrictConfig):
     """Where the model bundle lives."""
 
-    path: Path = Field(description="Folder holding the model bundle (manifest.json + ONNX files).")
+    path: Path = Field(description="Folder holding the model bundle (manifest.json + ONNX files), or its .tar.gz.")
+
+    def problems(self, key: str) -> list[str]:
+        if self.path.is_file():
+            return path_problems(self.path, f"{key}.path", kind="file")
+        found = path_problems(self.path, f"{key}.path")
+        return found or path_problems(self.path / "manifest.json", f"{key}.path", kind="file")
 
 
-class InferenceConfig(_Config):
+class InferenceConfig(StrictConfig):
     """How ONNX Runtime runs the bundle."""
 
     providers: list[ProviderName] = Field(
@@ -56,134 +60,11 @@ class InferenceConfig(_Config):
         default=True, description="Run the bundle's golden images at load and refuse a bundle that disagrees."
     )
 
-
-class _SourceBase(_Config):
-    default_queue_policy: ClassVar[QueuePolicy] = "block"
-
-    name: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="Source name in results; part of every result id, so keep it stable. Default: the kind.",
-    )
-    bits_stored: int | None = Field(
-        default=None, ge=8, le=16, description="Significant bits of 16-bit pixels (e.g. 12); None = all 16."
-    )
-    max_pixels: int = Field(
-        default=DEFAULT_MAX_PIXELS,
-        gt=0,
-        description="Images with more pixels are refused (decompression bombs).",
-    )
-
-    @property
-    def source_name(self) -> str:
-        return self.name or str(getattr(self, "kind", "source"))
+    def problems(self, key: str) -> list[str]:
+        return path_problems(self.trt_cache_dir, f"{key}.trt_cache_dir", write=True, create=True)
 
 
-class FolderSourceConfig(_SourceBase):
-    """A hot folder the X-ray system writes finished images into."""
-
-    kind: Literal["folder"] = Field(description="Selects the hot-folder source.")
-    path: Path = Field(description="The hot folder watched for new images (top level only).")
-    done_dir: Path | None = Field(default=None, description="Where inspected images go; default PATH/done.")
-    failed_dir: Path | None = Field(
-        default=None,
-        description="Where undecodable or failed images go, with NAME.error.json; default PATH/failed.",
-    )
-    state_dir: Path | None = Field(
-        default=None, description="Where the exactly-once ledger is kept; default PATH/.lineside."
-    )
-    settle_seconds: float = Field(
-        default=2.0,
-        ge=0,
-        description="A file is complete once its size and mtime stayed unchanged this long.",
-    )
-    poll_interval: float = Field(default=0.5, gt=0, description="Seconds between scans of the hot folder.")
-    retry_seconds: float = Field(
-        default=10.0,
-        ge=0,
-        description="Delay before a file whose result could not be stored is offered again.",
-    )
-    patterns: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_PATTERNS),
-        min_length=1,
-        description="Glob patterns (case-insensitive) of image file names to pick up.",
-    )
-    part_id_regex: str | None = Field(
-        default=None,
-        description="Regex searched in the file name; named groups `part` and `view` give part id and view.",
-    )
-    sidecar: bool = Field(
-        default=True,
-        description="Read NAME.json next to an image ({'part_id': ..., 'view': ...}) when present.",
-    )
-    sidecar_required: bool = Field(
-        default=False, description="Wait for the NAME.json sidecar before picking an image up."
-    )
-
-    @field_validator("part_id_regex")
-    @classmethod
-    def _regex_compiles(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            pattern = re.compile(value)
-        except re.error as err:
-            raise ValueError(f"not a valid regular expression: {err}") from err
-        unknown = set(pattern.groupindex) - {"part", "view"}
-        if not pattern.groupindex or unknown:
-            raise ValueError(f"expected named groups 'part' and/or 'view', found {sorted(pattern.groupindex)}")
-        return value
-
-    @model_validator(mode="after")
-    def _default_dirs(self) -> FolderSourceConfig:
-        self.done_dir = self.done_dir or self.path / "done"
-        self.failed_dir = self.failed_dir or self.path / "failed"
-        self.state_dir = self.state_dir or self.path / ".lineside"
-        return self
-
-
-class CameraSourceConfig(_SourceBase):
-    """A live camera or frame grabber read through OpenCV."""
-
-    default_queue_policy: ClassVar[QueuePolicy] = "drop_oldest"
-
-    kind: Literal["camera"] = Field(description="Selects the live camera source.")
-    uri: int | str = Field(
-        description="Device index (0), RTSP/HTTP URL, or a GStreamer pipeline (a string containing '!')."
-    )
-    fps_limit: float = Field(default=0.0, ge=0, description="Deliver at most this many frames per second; 0 = all.")
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="First delay before reconnecting, seconds.")
-    reconnect_max_s: float = Field(default=30.0, gt=0, description="Longest delay between reconnects, seconds.")
-    max_read_failures: int = Field(
-        default=3, ge=1, description="Consecutive failed reads after which the camera is reopened."
-    )
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> CameraSourceConfig:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError(
-                f"reconnect_max_s ({self.reconnect_max_s}) must be at least reconnect_min_s ({self.reconnect_min_s})"
-            )
-        return self
-
-
-class ReplaySourceConfig(_SourceBase):
-    """Recorded images replayed as a stream, for soak tests and benchmarks."""
-
-    kind: Literal["replay"] = Field(description="Selects the replay source.")
-    path: Path = Field(description="Folder of images, replayed in name order.")
-    patterns: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_PATTERNS), min_length=1, description="Glob patterns of images."
-    )
-    rate_hz: float = Field(default=0.0, ge=0, description="Frames per second; 0 = as fast as the pipeline takes.")
-    loop: bool = Field(default=False, description="Start over after the last image.")
-    max_frames: int | None = Field(default=None, ge=1, description="Stop after this many frames; None = no limit.")
-
-
-SourceConfig = Annotated[FolderSourceConfig | CameraSourceConfig | ReplaySourceConfig, Field(discriminator="kind")]
-
-
-class QueueConfig(_Config):
+class QueueConfig(StrictConfig):
     """The bounded queue between capture and inference."""
 
     capacity: int = Field(default=8, ge=1, description="Frames waiting for inference at most.")
@@ -194,35 +75,7 @@ class QueueConfig(_Config):
     )
 
 
-class JsonlSinkConfig(_Config):
-    """Results as JSON lines, to a file or stdout."""
-
-    kind: Literal["jsonl"] = Field(description="Selects the JSON-lines sink.")
-    path: str = Field(description="File to append to, or '-' for stdout.")
-    fsync: bool = Field(default=False, description="fsync after every line (survives power loss, costs I/O).")
-    durable: bool = Field(
-        default=True,
-        description="A frame is acknowledged to its source only after this sink stored the result.",
-    )
-
-
-class AnnotateSinkConfig(_Config):
-    """8-bit JPEG copies of the images with boxes and verdict drawn, for people."""
-
-    kind: Literal["annotate"] = Field(description="Selects the annotated-image sink.")
-    folder: Path = Field(description="Folder the annotated JPEGs are written to.")
-    only_defective: bool = Field(default=False, description="Write only images judged defective.")
-    jpeg_quality: int = Field(default=90, ge=1, le=100, description="JPEG quality, 1-100.")
-    durable: bool = Field(
-        default=False,
-        description="A frame is acknowledged to its source only after this sink stored the result.",
-    )
-
-
-SinkConfig = Annotated[JsonlSinkConfig | AnnotateSinkConfig, Field(discriminator="kind")]
-
-
-class AgentConfig(_Config):
+class AgentConfig(StrictConfig):
     """The whole agent configuration file."""
 
     station: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Station name; used in ids and message topics.")
@@ -235,6 +88,25 @@ class AgentConfig(_Config):
         description="Where results go; `kind` selects jsonl or annotate. Default: JSON lines on stdout.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+    stop_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        le=300,
+        description="Budget for a clean stop (threads joined, services closed); keep it below the unit's "
+        "TimeoutStopSec (30 s).",
+    )
+    status_log: StatusLogConfig = Field(
+        default_factory=StatusLogConfig, description="The periodic one-line status summary in the log."
+    )
+
+    def problems(self, key: str = "") -> list[str]:
+        """Every path problem of the file, by key path (see StrictConfig.problems)."""
+        return [
+            *self.bundle.problems("bundle"),
+            *self.inference.problems("inference"),
+            *self.source.problems("source"),
+            *(p for i, sink in enumerate(self.sinks) for p in sink.problems(f"sinks[{i}]")),
+        ]
 
     def queue_policy(self) -> QueuePolicy:
         """The configured queue policy, or the source kind's default."""

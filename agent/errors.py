@@ -5,6 +5,13 @@ Messages say what was expected and what was found, and name the file (and line) 
 
 from __future__ import annotations
 
+# Process exit codes, the same for both command-line tools.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # runtime failure: bundle, engine, source, store, training, parity
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_IMAGE_ERRORS = 3  # inspect/predict: some images could not be inspected (their error results are written)
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; the unit lists it in RestartPreventExitStatus=
+
 
 class LinesideError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -39,6 +46,10 @@ class ImageDecodeError(LinesideError):
 
 class SourceError(LinesideError):
     """A frame source could not be opened or read."""
+
+
+class StoreError(LinesideError):
+    """A local folder or S3 location could not be listed, read or written."""
 
 
 class InferenceError(LinesideError):

@@ -19,11 +19,65 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 8k x 8k: far beyond any detector panel, well 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG header without decoding; None for other formats."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the image size.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_format(data: bytes) -> str | None:
+    """'png', 'jpeg' or 'tiff' by the file's magic bytes (never by its name); None for anything else."""
+    if data[:8] == _PNG_MAGIC:
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] in _TIFF_MAGICS:
+        return "tiff"
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the JPEG frame header, walking the marker segments; None when there is none."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            width = int.from_bytes(data[i + 7 : i + 9], "big")
+            return (width, height) if width and height else None  # height 0 (DNL) is not accepted
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG or JPEG from its header, without decoding; None when it has none."""
+    kind = image_format(data)
+    if kind == "png":
+        return _png_size(data)
+    if kind == "jpeg":
+        return _jpeg_size(data)
     return None
 
 
@@ -54,14 +108,23 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAUL
     """
     if not data:
         raise ImageDecodeError("empty", f"{name}: file is empty (0 bytes)")
-    size = _header_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
+    # The size is read from the header of every accepted format before anything is decoded, so a
+    # decompression bomb is refused without costing memory; other formats are refused outright.
+    kind = image_format(data)
+    if kind is None:
         raise ImageDecodeError(
-            "too_large", f"{name}: image of {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels}"
+            "decode_failed", f"{name}: not a PNG, TIFF or JPEG image (starts with {data[:8].hex(' ')})"
         )
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if kind == "tiff":
         image = _decode_tiff(data, name, max_pixels)
     else:
+        size = header_size(data)
+        if size is None:
+            raise ImageDecodeError("decode_failed", f"{name}: {kind.upper()} header without an image size")
+        if size[0] * size[1] > max_pixels:
+            raise ImageDecodeError(
+                "too_large", f"{name}: image of {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels}"
+            )
         buffer = np.frombuffer(data, dtype=np.uint8)
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
         if image is None:

@@ -12,6 +12,9 @@ stage talks to the next through a queue only, so a stage could move to a process
   get the result. The source is then acknowledged: `ack(ok)` when every durable sink stored the result
   (ok = the result has no error), `release()` when a durable sink failed, so the source may offer the
   frame again later (same result id, de-duplicated downstream) instead of recording it as done.
+- `swap_inspector(new)` hands the inference thread a new engine; it takes it between two frames, so
+  each frame is inspected by exactly one engine, and the caller may close the old one afterwards.
+- Errors, drops and sink failures are published to the event hub when one is given.
 - One stop Event; every wait has a timeout. `stop()` joins capture, inference, dispatch in that order
   (reverse of start), releases frames still queued, then closes the source and the sinks.
 """
@@ -29,8 +32,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lineside.agent.config import QueueConfig, QueuePolicy
+from lineside.agent.config import QueueConfig
+from lineside.agent.events import EventHub
 from lineside.agent.inference.types import Prediction
+from lineside.agent.plugins import QueuePolicy
 from lineside.agent.results import Frame, FrameError, InspectionResult, ResultBox, ResultError
 from lineside.agent.sinks.base import Sink
 from lineside.agent.sources.base import FrameSource
@@ -63,7 +68,7 @@ class Inspector(Protocol):
     def predict(self, image: np.ndarray, bits_stored: int | None = None) -> Prediction: ...
 
 
-class _Throttle:
+class Throttle:
     """Lets a repeated log message through at most once per `interval` seconds, counting the rest."""
 
     def __init__(self, interval: float = _LOG_EVERY_S) -> None:
@@ -78,9 +83,6 @@ class _Throttle:
             return True
         self.suppressed += 1
         return False
-
-
-_predict_failures = _Throttle()
 
 
 def _base_fields(inspector: Inspector, frame: Frame) -> dict[str, Any]:
@@ -100,8 +102,12 @@ def _base_fields(inspector: Inspector, frame: Frame) -> dict[str, Any]:
     }
 
 
-def inspect_frame(inspector: Inspector, frame: Frame, queue_ms: float | None = None) -> InspectionResult:
+def inspect_frame(
+    inspector: Inspector, frame: Frame, queue_ms: float | None = None, *, failure_log: Throttle | None = None
+) -> InspectionResult:
     """Inspect one frame; never raises. Errors (decode, inference) become error results.
+
+    `failure_log` rate-limits the warning logged for an engine failure (default: log every one).
 
     `latency_ms` holds decode, queue (when given), the engine's own stages, inference (the whole
     predict call) and total (capture to result).
@@ -126,12 +132,12 @@ def inspect_frame(inspector: Inspector, frame: Frame, queue_ms: float | None = N
         except Exception as err:  # the daemon must outlive any single bad frame
             prediction = None
             error = ResultError(code="inference_failed", message=f"{type(err).__name__}: {err}")
-            if _predict_failures.ready():
+            if failure_log is None or failure_log.ready():
                 logger.warning(
                     "inference failed on frame %s (bundle %s; %d similar failures not logged)",
                     frame.frame_id,
                     fields["bundle_version"],
-                    _predict_failures.suppressed,
+                    0 if failure_log is None else failure_log.suppressed,
                     exc_info=True,
                 )
         latency["inference"] = (time.perf_counter() - start) * 1000.0
@@ -204,6 +210,7 @@ class Pipeline:
         join_timeout: float = 5.0,
         poll_s: float = 0.1,
         stop_event: threading.Event | None = None,
+        events: EventHub | None = None,
     ) -> None:
         queue_config = queue_config or QueueConfig()
         self.source = source
@@ -214,7 +221,9 @@ class Pipeline:
         self.join_timeout = join_timeout
         self.poll_s = poll_s
         self.stop_event = stop_event or threading.Event()
+        self.events = events
         self.failure: BaseException | None = None
+        self._swap: tuple[Inspector, threading.Event] | None = None
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=self.capacity)
         # Bounded too: a hung sink eventually backs up into the frame queue, where the policy applies.
         self._results: queue.Queue[tuple[InspectionResult, Frame]] = queue.Queue(maxsize=results_capacity)
@@ -229,7 +238,8 @@ class Pipeline:
         self._acks: dict[str, int] = {"ok": 0, "failed": 0, "released": 0, "ack_errors": 0}
         self._latency: dict[str, _Window] = {}
         self._capture_blocked_s = 0.0
-        self._sink_throttles = {sink.name: _Throttle() for sink in self.sinks}
+        self._sink_throttles = {sink.name: Throttle() for sink in self.sinks}
+        self._predict_failures = Throttle()
         self._heartbeat = time.monotonic()
         self._stopped = False
 
@@ -300,6 +310,40 @@ class Pipeline:
         """Monotonic time the inference loop last went round (idle waits count): for a watchdog."""
         return self._heartbeat
 
+    def swap_inspector(self, new: Inspector, timeout: float = 30.0) -> Inspector:
+        """Make `new` inspect every later frame; returns the old inspector once no frame uses it any more.
+
+        The inference thread takes the new inspector between two frames (within `poll_s` when idle).
+        Raises TimeoutError, with the old inspector still in place, when it does not within `timeout`
+        (a frame stuck in the engine); RuntimeError when another swap is pending.
+        """
+        handover = threading.Event()
+        with self._lock:
+            if self._swap is not None:
+                raise RuntimeError("another engine swap is pending")
+            if not self._thread_alive("lineside-inference"):
+                old, self.inspector = self.inspector, new  # nothing inspects: swap in place
+                return old
+            self._swap = (new, handover)
+            old = self.inspector
+        if handover.wait(timeout):
+            return old
+        with self._lock:
+            if handover.is_set():  # taken just now
+                return old
+            self._swap = None
+        raise TimeoutError(f"the inference thread did not take the new engine within {timeout:.0f} s")
+
+    def _take_swap(self) -> None:
+        # Inference thread only, between frames.
+        with self._lock:
+            if self._swap is None:
+                return
+            new, handover = self._swap
+            self._swap = None
+            self.inspector = new
+            handover.set()
+
     # -- threads ---------------------------------------------------------------------------------
 
     def _capture(self) -> None:
@@ -359,6 +403,7 @@ class Pipeline:
         try:
             while not self.stop_event.is_set():
                 self._heartbeat = time.monotonic()
+                self._take_swap()
                 try:
                     item = self._frames.get(timeout=self.poll_s)
                 except queue.Empty:
@@ -366,7 +411,12 @@ class Pipeline:
                 if item is _END:
                     break
                 frame, enqueued = item
-                result = inspect_frame(self.inspector, frame, (time.monotonic() - enqueued) * 1000.0)
+                result = inspect_frame(
+                    self.inspector,
+                    frame,
+                    (time.monotonic() - enqueued) * 1000.0,
+                    failure_log=self._predict_failures,
+                )
                 self._record(result)
                 self._put_result(result, frame)
         finally:
@@ -407,6 +457,12 @@ class Pipeline:
                 throttle = self._sink_throttles[sink.name]
                 with self._lock:
                     self._sink_failures[sink.name] += 1
+                self._publish(
+                    "sink_failed",
+                    f"sink {sink.name} failed on frame {frame.frame_id}",
+                    sink=sink.name,
+                    result_id=result.result_id,
+                )
                 if throttle.ready():
                     logger.warning(
                         "sink %s failed on frame %s (%d similar failures not logged)",
@@ -449,11 +505,19 @@ class Pipeline:
             if reason != "sink_failed":
                 self._drops[reason] = self._drops.get(reason, 0) + 1
             self._acks["released"] += 1
+        if reason != "sink_failed":
+            self._publish(
+                "frame_dropped", f"frame {frame.frame_id} dropped ({reason})", reason=reason, frame_id=frame.frame_id
+            )
         try:
             self.source.release(frame)
         except Exception:
             self._bump_ack("ack_errors")
             logger.exception("releasing frame %s to source %s failed", frame.frame_id, self.source.name)
+
+    def _publish(self, kind: str, message: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events.publish(kind, message, **data)
 
     def _bump(self, key: str) -> None:
         with self._lock:
@@ -477,6 +541,14 @@ class Pipeline:
                 self._errors_by_code[code] = self._errors_by_code.get(code, 0) + 1
             for stage, value in result.latency_ms.items():
                 self._window(stage).add(value)
+        if result.error is not None:
+            self._publish(
+                "frame_error",
+                f"frame {result.frame_id}: {result.error.message}",
+                code=result.error.code,
+                result_id=result.result_id,
+                frame_id=result.frame_id,
+            )
 
     def stats(self) -> dict[str, Any]:
         """Counters and a per-stage latency summary (ms: count, mean, p50, p95, max of recent frames)."""

@@ -11,14 +11,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 RESULT_SCHEMA_VERSION: Literal[1] = 1
-# Result ids are uuid5(frame key): a frame seen twice (e.g. after a crash) gets the same id,
-# so sinks and downstream systems can de-duplicate.
+# Result ids are uuid5(station, source, frame key): a frame seen twice (e.g. after a crash) gets the same
+# id, so sinks and downstream systems can de-duplicate; two stations never share one.
 _RESULT_NAMESPACE = uuid.UUID("6f1f4a52-4c1e-4d55-9a38-0c7d9d6a2f10")
 
 
-def result_id_for(source: str, frame_key: str) -> str:
-    """Stable result id of a frame, derived from its source and identity key."""
-    return str(uuid.uuid5(_RESULT_NAMESPACE, f"{source}\x00{frame_key}"))
+def result_id_for(station: str, source: str, frame_key: str) -> str:
+    """Stable result id of a frame, derived from its station, source and identity key."""
+    return str(uuid.uuid5(_RESULT_NAMESPACE, f"{station}\x00{source}\x00{frame_key}"))
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ class Frame:
     error: FrameError | None = None
     decode_ms: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    station: str = ""
 
     @property
     def result_id(self) -> str:
-        return result_id_for(self.source, self.key)
+        return result_id_for(self.station, self.source, self.key)
 
 
 class _Frozen(BaseModel):

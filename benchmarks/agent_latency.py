@@ -31,14 +31,16 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from lineside.agent.config import QueueConfig, ReplaySourceConfig
+from lineside.agent.config import QueueConfig
 from lineside.agent.imaging import decode_image
-from lineside.agent.inference.engine import InferenceEngine, provider_list
+from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
+from lineside.agent.inference.providers import resolve_providers
 from lineside.agent.pipeline import Pipeline
 from lineside.agent.results import Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 from lineside.agent.sinks.jsonl import JsonlSink
+from lineside.agent.sources import ReplaySourceConfig
 from lineside.agent.sources.replay import ReplaySource
 
 STAGES = ("decode", "preprocess", "classifier", "classifier_post", "vae", "vae_post", "ssd", "ssd_post", "decide")
@@ -118,8 +120,7 @@ class RecordingSink(Sink):
 
 def set_io_binding(engine: InferenceEngine, on: bool) -> None:
     """Make every runner of the engine use I/O binding (`on`) or plain session.run."""
-    for runner in engine._runners.values():
-        runner.io_binding = on
+    engine.io_binding = on
 
 
 def stage_latency(engine: InferenceEngine, images: list[np.ndarray], blobs: list[bytes], frames: int) -> dict:
@@ -143,7 +144,7 @@ def stage_latency(engine: InferenceEngine, images: list[np.ndarray], blobs: list
 def binding_comparison(engine: InferenceEngine, images: list[np.ndarray], frames: int) -> dict:
     """predict() total ms with I/O binding vs plain session.run: both on every frame, order alternating."""
     results: dict[str, list[float]] = {"io_binding": [], "session_run": []}
-    default = [r.io_binding for r in engine._runners.values()]
+    default = engine.io_binding
     try:
         for i in range(frames):
             modes = ("io_binding", "session_run") if i % 2 == 0 else ("session_run", "io_binding")
@@ -153,12 +154,11 @@ def binding_comparison(engine: InferenceEngine, images: list[np.ndarray], frames
                 engine.predict(images[i % len(images)])
                 results[mode].append((time.perf_counter() - t0) * 1000)
     finally:
-        for runner, on in zip(engine._runners.values(), default, strict=True):
-            runner.io_binding = on
+        engine.io_binding = default
     out: dict[str, Any] = {mode: summarise(v) for mode, v in results.items()}
     pairs = np.asarray(results["session_run"]) / np.asarray(results["io_binding"])
     out["session_run_over_io_binding_median"] = float(np.median(pairs))
-    out["engine_default"] = "io_binding" if any(default) else "session_run"
+    out["engine_default"] = "io_binding" if default else "session_run"
     return out
 
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     names = [n.strip() for n in args.providers.split(",") if n.strip()]
     engine = InferenceEngine.load(args.bundle, providers=names, intra_op_threads=args.threads)
-    entries = provider_list(names, device_id=0, trt_fp16=True, trt_cache_dir=None)
+    entries = resolve_providers(names).entries
 
     print(f"warming up ({args.warmup} frames) ...", flush=True)
     for i in range(args.warmup):

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lineside.agent.errors import LinesideError
+from lineside.agent.errors import EXIT_FAILURE, LinesideError
+from lineside.export.data import datasets_for
 
 logger = logging.getLogger("lineside.export")
 
@@ -28,30 +29,10 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _datasets(data: str, split_file: str | None):
-    """(train, val, test, split) from a dataset location and an optional split file.
-
-    Without a split file, GDXray gets the documented default series split; other data sets are
-    split by group with fixed fractions and seed.
-    """
-    from lineside.export.data import open_dataset
-    from lineside.export.data.splits import GDXRAY_DEFAULT_SPLIT, apply, load_split, split_groups
-
-    dataset = open_dataset(data)
-    if split_file:
-        split = load_split(Path(split_file))
-    elif dataset.name == "gdxray" and set(GDXRAY_DEFAULT_SPLIT.train) & set(dataset.groups()):
-        split = GDXRAY_DEFAULT_SPLIT
-    else:
-        split = split_groups(dataset, val_fraction=0.2, test_fraction=0.2, seed=0)
-    train, val, test = apply(dataset, split)
-    return dataset, train, val, test, split
-
-
 def _train(args: argparse.Namespace, kind: str) -> int:
     from lineside.export import train as training
 
-    _, train, val, _test, split = _datasets(args.data, args.split)
+    _, train, val, _test, split = datasets_for(args.data, args.split)
     opts = training.TrainOptions(
         out=Path(args.out),
         epochs=args.epochs,
@@ -89,7 +70,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from lineside.export.build import BuildOptions, build_bundle, dataset_summary
 
-    dataset, train, val, test, _split = _datasets(args.calib, args.split)
+    dataset, train, val, test, _split = datasets_for(args.calib, args.split)
     calib = val if val.samples else dataset
 
     summary = dataset_summary(dataset, train, val, test)
@@ -113,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lineside.export.evaluate import evaluate_bundle
     from lineside.export.metrics import format_table
 
-    _, _train, _val, test, _split = _datasets(args.data, args.split)
+    _, _train, _val, test, _split = datasets_for(args.data, args.split)
     if args.all:
         from lineside.export.data import open_dataset
 
@@ -206,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except LinesideError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,10 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """Each model trained for a few real MXNet iterations on the synthetic set."""
     if not HAS_MXNET:
         pytest.skip("MXNet is not installed in this environment (agent-only venv)")
-    from lineside.export.cli import _datasets
+    from lineside.export.data import datasets_for
     from lineside.export.train import TrainOptions, train_classifier, train_ssd, train_vae
 
-    _, train, val, _test, split = _datasets(str(synth_dir), None)
+    _, train, val, _test, split = datasets_for(str(synth_dir), None)
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for kind, fn in (("classifier", train_classifier), ("vae", train_vae), ("ssd", train_ssd)):
@@ -69,11 +70,11 @@ def test_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
             )
         return Path(given)
     from lineside.export.build import BuildOptions, build_bundle, dataset_summary
-    from lineside.export.cli import _datasets
+    from lineside.export.data import datasets_for
 
     runs: dict[str, Path] = request.getfixturevalue("trained_runs")
     synth: Path = request.getfixturevalue("synth_dir")
-    dataset, train, val, test, _split = _datasets(str(synth), None)
+    dataset, train, val, test, _split = datasets_for(str(synth), None)
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     build_bundle(
         BuildOptions(
@@ -92,3 +93,39 @@ def test_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(out, target)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """One real S3 API over HTTP on loopback (moto server) for the session; the OS picks the port as it binds.
+
+    moto keeps one state per process, so tests sharing it use their own bucket names.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The S3 endpoint, with boto3 pointed at it through the environment (test credentials, no shared files)."""
+    from lineside.agent.storage import reset_s3_client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    reset_s3_client()
+    try:
+        yield s3_server
+    finally:
+        reset_s3_client()

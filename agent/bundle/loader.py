@@ -6,7 +6,7 @@ import hashlib
 import logging
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lineside.agent.bundle.manifest import BundleManifest, FileRef
@@ -25,13 +25,23 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class LoadedBundle:
-    """A bundle folder whose files all matched their sha256."""
+    """A bundle folder whose files all matched their sha256.
+
+    A bundle opened from a .tar.gz lives in a temporary folder that `close()` removes (and, failing
+    that, the interpreter at exit): loading never leaves folders behind.
+    """
 
     root: Path
     manifest: BundleManifest
+    extracted: tempfile.TemporaryDirectory[str] | None = field(default=None, compare=False, repr=False)
 
     def path(self, ref: FileRef) -> Path:
         return self.root / ref.path
+
+    def close(self) -> None:
+        """Remove the extracted copy of an archive; a folder bundle is left alone."""
+        if self.extracted is not None:
+            self.extracted.cleanup()
 
 
 def resolve_inside(root: Path, ref: FileRef) -> Path:
@@ -50,23 +60,29 @@ def verify_files(root: Path, manifest: BundleManifest) -> None:
         if not path.is_file():
             problems.append(f"{ref.path}: missing")
             continue
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as err:
+            problems.append(f"{ref.path}: cannot read ({err.strerror or err})")
+            continue
         if actual != ref.sha256:
             problems.append(f"{ref.path}: sha256 is {actual}, manifest says {ref.sha256}")
     if problems:
         raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
 
 
-def _extract(archive: Path) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="lineside-bundle-"))
+def _extract(archive: Path) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
+    holder = tempfile.TemporaryDirectory(prefix="lineside-bundle-")
+    target = Path(holder.name)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(target, filter="data")  # 'data' refuses absolute paths, links out, devices
     except (tarfile.TarError, OSError) as err:
+        holder.cleanup()
         raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
-    entries = [p for p in target.iterdir()]
+    entries = list(target.iterdir())
     # Archives hold one top-level folder; accept a flat archive too.
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+    return (entries[0] if len(entries) == 1 and entries[0].is_dir() else target), holder
 
 
 def load_bundle(location: Path, *, verify: bool = True) -> LoadedBundle:
@@ -74,14 +90,23 @@ def load_bundle(location: Path, *, verify: bool = True) -> LoadedBundle:
     location = Path(location)
     if not location.exists():
         raise BundleError(f"{location}: bundle not found")
-    root = _extract(location) if location.is_file() else location
-    manifest = BundleManifest.read(root)
-    if verify:
-        verify_files(root, manifest)
+    holder = None
+    if location.is_file():
+        root, holder = _extract(location)
+    else:
+        root = location
+    try:
+        manifest = BundleManifest.read(root)
+        if verify:
+            verify_files(root, manifest)
+    except BaseException:
+        if holder is not None:
+            holder.cleanup()
+        raise
     logger.info(
         "bundle %s version %s verified (%d files)",
         manifest.bundle_id,
         manifest.version,
         len(manifest.files()),
     )
-    return LoadedBundle(root, manifest)
+    return LoadedBundle(root, manifest, holder)

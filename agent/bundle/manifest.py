@@ -232,6 +232,10 @@ class BundleManifest(_Strict):
         if not path.is_file():
             raise BundleError(f"{path}: no manifest.json in bundle folder {folder}")
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise BundleError(f"{path}: cannot read the manifest ({err.strerror or err})") from err
+        try:
+            return cls.model_validate_json(text)
         except ValueError as err:
             raise BundleError(f"{path}: invalid manifest: {err}") from err

@@ -19,53 +19,22 @@ from lineside.agent.errors import BundleError, InferenceError
 from lineside.agent.imaging import read_image
 from lineside.agent.inference import postprocess as post
 from lineside.agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
+from lineside.agent.inference.providers import GPU_PROVIDERS, ProviderEntry, resolve_providers
 from lineside.agent.inference.types import Detection, ModelOutputs, Prediction
 
 logger = logging.getLogger(__name__)
-
-PROVIDERS = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
-DEFAULT_PROVIDERS = ["tensorrt", "cuda", "cpu"]
-
-
-def provider_list(
-    names: list[str], *, device_id: int, trt_fp16: bool, trt_cache_dir: Path | None
-) -> list[str | tuple[str, dict[str, object]]]:
-    """ONNX Runtime provider entries for the configured order, keeping those this build offers."""
-    available = set(ort.get_available_providers())
-    out: list[str | tuple[str, dict[str, object]]] = []
-    for name in names:
-        if name not in PROVIDERS:
-            raise InferenceError(f"unknown execution provider {name!r}; expected one of {sorted(PROVIDERS)}")
-        full = PROVIDERS[name]
-        if full not in available:
-            continue
-        if name == "tensorrt":
-            options: dict[str, object] = {"device_id": device_id, "trt_fp16_enable": trt_fp16}
-            if trt_cache_dir is not None:
-                trt_cache_dir.mkdir(parents=True, exist_ok=True)
-                options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)}
-            out.append((full, options))
-        elif name == "cuda":
-            out.append((full, {"device_id": device_id}))
-        else:
-            out.append(full)
-    if not out:
-        raise InferenceError(f"none of the providers {names} is available; this build offers {sorted(available)}")
-    return out
 
 
 class _Runner:
     """One ONNX Runtime session; with `io_binding`, outputs land in reused preallocated buffers."""
 
-    def __init__(self, spec: ModelSpec, path: Path, providers: list, options: ort.SessionOptions) -> None:
+    def __init__(
+        self, spec: ModelSpec, path: Path, providers: list[ProviderEntry], options: ort.SessionOptions
+    ) -> None:
         self.spec = spec
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            # The providers were resolved to ones that work (providers.py); no fallback banner on stdout.
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers, enable_fallback=0)
         except Exception as err:  # onnxruntime raises its own exception types
             raise InferenceError(f"{path}: ONNX Runtime cannot load the {spec.kind} model ({err})") from err
         inputs = [i.name for i in self.session.get_inputs()]
@@ -125,23 +94,19 @@ class InferenceEngine:
     ) -> None:
         self.bundle = bundle
         self.manifest: BundleManifest = bundle.manifest
-        names = providers or DEFAULT_PROVIDERS
-        entries = provider_list(names, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
+        resolved = resolve_providers(providers, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
+        if require_gpu and not resolved.has_gpu:
+            raise InferenceError(
+                f"require_gpu is set but no GPU provider can run here ({'; '.join(resolved.skipped.values())}); "
+                "check the NVIDIA driver, CUDA 13 and cuDNN 9 libraries"
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
-        wants_gpu = any((e[0] if isinstance(e, tuple) else e) in GPU_PROVIDERS for e in entries)
-        if wants_gpu and not require_gpu:
-            # A GPU build without CUDA libraries logs an error per session before falling back;
-            # we report the fallback once ourselves instead.
-            ort.set_default_logger_severity(4)
-        try:
-            self._runners = {
-                kind: _Runner(spec, bundle.path(spec.file), entries, options)
-                for kind, spec in self.manifest.models.items()
-            }
-        finally:
-            ort.set_default_logger_severity(2)
+        self._runners = {
+            kind: _Runner(spec, bundle.path(spec.file), resolved.entries, options)
+            for kind, spec in self.manifest.models.items()
+        }
         in_use: list[str] = []
         for runner in self._runners.values():
             for p in runner.providers():
@@ -149,12 +114,7 @@ class InferenceEngine:
                     in_use.append(p)
         self.providers_in_use = in_use
         if require_gpu and not GPU_PROVIDERS & set(in_use):
-            raise InferenceError(
-                f"require_gpu is set but no GPU provider could be used (asked for {names}, got {in_use}); "
-                "check the NVIDIA driver, CUDA 13 and cuDNN 9 libraries"
-            )
-        if wants_gpu and not GPU_PROVIDERS & set(in_use):
-            logger.warning("no GPU execution provider could be used; running on CPU (%s)", ", ".join(in_use))
+            raise InferenceError(f"require_gpu is set but the sessions run on {in_use}")
         self._builders: dict[Preprocessing, BatchBuilder] = {}
         self._anchors: np.ndarray | None = None
         ssd = self.manifest.models.get("ssd")
@@ -177,17 +137,22 @@ class InferenceEngine:
         intra_op_threads: int = 0,
     ) -> InferenceEngine:
         """Verify a bundle (sha256 of every file), create sessions, warm up, check golden images."""
-        engine = cls(
-            load_bundle(Path(bundle)),
-            providers=providers,
-            device_id=device_id,
-            require_gpu=require_gpu,
-            trt_cache_dir=trt_cache_dir,
-            trt_fp16=trt_fp16,
-            intra_op_threads=intra_op_threads,
-        )
-        if verify_golden:
-            engine.check_golden()
+        loaded = load_bundle(Path(bundle))
+        try:
+            engine = cls(
+                loaded,
+                providers=providers,
+                device_id=device_id,
+                require_gpu=require_gpu,
+                trt_cache_dir=trt_cache_dir,
+                trt_fp16=trt_fp16,
+                intra_op_threads=intra_op_threads,
+            )
+            if verify_golden:
+                engine.check_golden()
+        except BaseException:
+            loaded.close()
+            raise
         logger.info(
             "bundle %s version %s ready on %s",
             engine.manifest.bundle_id,
@@ -196,8 +161,20 @@ class InferenceEngine:
         )
         return engine
 
+    @property
+    def io_binding(self) -> bool:
+        """Whether outputs land in preallocated buffers (True, the default) or come from `session.run`."""
+        return all(r.io_binding for r in self._runners.values())
+
+    @io_binding.setter
+    def io_binding(self, on: bool) -> None:
+        for runner in self._runners.values():
+            runner.io_binding = on
+
     def close(self) -> None:
+        """Release the sessions (and an extracted archive's folder); the engine must not be used afterwards."""
         self._runners.clear()
+        self.bundle.close()
 
     # -- per frame -------------------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from lineside.agent.config import AnnotateSinkConfig
 from lineside.agent.imaging import IMAGE_SUFFIXES
+from lineside.agent.plugins import StrictConfig, path_problems
 from lineside.agent.results import Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 
@@ -96,8 +98,26 @@ def draw(image: np.ndarray, result: InspectionResult) -> np.ndarray:
     return canvas
 
 
+class AnnotateSinkConfig(StrictConfig):
+    """8-bit JPEG copies of the images with boxes and verdict drawn, for people."""
+
+    kind: Literal["annotate"] = Field(description="Selects the annotated-image sink.")
+    folder: Path = Field(description="Folder the annotated JPEGs are written to.")
+    only_defective: bool = Field(default=False, description="Write only images judged defective.")
+    jpeg_quality: int = Field(default=90, ge=1, le=100, description="JPEG quality, 1-100.")
+    durable: bool = Field(
+        default=False,
+        description="A frame is acknowledged to its source only after this sink stored the result.",
+    )
+
+    def problems(self, key: str) -> list[str]:
+        return path_problems(self.folder, f"{key}.folder", write=True, create=True)
+
+
 class AnnotateSink(Sink):
     """Writes FOLDER/<frame name>.jpg for each result that has an image (undecodable frames have none)."""
+
+    config_class = AnnotateSinkConfig
 
     def __init__(
         self, folder: Path, *, only_defective: bool = False, jpeg_quality: int = 90, durable: bool = False

@@ -8,9 +8,11 @@ import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
-from lineside.agent.config import JsonlSinkConfig
+from pydantic import Field
+
+from lineside.agent.plugins import StrictConfig, path_problems
 from lineside.agent.results import Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 
@@ -22,6 +24,23 @@ DEDUPE_TAIL_BYTES = 16 * 1024 * 1024
 DEDUPE_MAX_IDS = 200_000
 
 
+class JsonlSinkConfig(StrictConfig):
+    """Results as JSON lines, to a file or stdout."""
+
+    kind: Literal["jsonl"] = Field(description="Selects the JSON-lines sink.")
+    path: str = Field(description="File to append to, or '-' for stdout.")
+    fsync: bool = Field(default=False, description="fsync after every line (survives power loss, costs I/O).")
+    durable: bool = Field(
+        default=True,
+        description="A frame is acknowledged to its source only after this sink stored the result.",
+    )
+
+    def problems(self, key: str) -> list[str]:
+        if self.path == "-":
+            return []
+        return path_problems(Path(self.path), f"{key}.path", kind="file", write=True, create=True)
+
+
 class JsonlSink(Sink):
     """Appends `InspectionResult` JSON, one per line; flushes every line, fsyncs when asked.
 
@@ -29,6 +48,8 @@ class JsonlSink(Sink):
     are not written again: a frame re-inspected after a crash does not produce a duplicate line. A
     partial last line left by a crash is cut off on open.
     """
+
+    config_class = JsonlSinkConfig
 
     def __init__(self, path: str | Path, *, fsync: bool = False, durable: bool = True) -> None:
         self.path = str(path)

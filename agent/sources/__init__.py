@@ -1,31 +1,35 @@
-"""Frame sources: an explicit registry from config `kind` to implementation."""
+"""Frame sources. Each plugin file holds its config class and its code; add a source = a file + a line here."""
 
 from __future__ import annotations
 
-from lineside.agent.config import CameraSourceConfig, FolderSourceConfig, ReplaySourceConfig
-from lineside.agent.errors import ConfigError
-from lineside.agent.sources.base import FrameSource
-from lineside.agent.sources.camera import CameraSource
-from lineside.agent.sources.folder import FolderSource
-from lineside.agent.sources.replay import ReplaySource
+from lineside.agent.plugins import config_union, plugin_for, registry
+from lineside.agent.sources.base import FrameSource, SourceConfigBase
+from lineside.agent.sources.camera import CameraSource, CameraSourceConfig
+from lineside.agent.sources.folder import FolderSource, FolderSourceConfig
+from lineside.agent.sources.replay import ReplaySource, ReplaySourceConfig
 
-SOURCES: dict[str, type[FrameSource]] = {
-    "folder": FolderSource,
-    "camera": CameraSource,
-    "replay": ReplaySource,
-}
+PLUGINS: tuple[type[FrameSource], ...] = (FolderSource, CameraSource, ReplaySource)
+
+SOURCES = registry(PLUGINS, "source")
+SourceConfig = config_union(PLUGINS)
 
 
-def create_source(config: FolderSourceConfig | CameraSourceConfig | ReplaySourceConfig) -> FrameSource:
-    """Build the source its config's `kind` names; ConfigError for an unknown kind."""
-    kind = getattr(config, "kind", None)
-    cls = SOURCES.get(str(kind))
-    if cls is None:
-        raise ConfigError(
-            f"unknown source kind {kind!r}; expected one of {sorted(SOURCES)}",
-            [f"source.kind: unknown kind {kind!r}, expected one of {sorted(SOURCES)}"],
-        )
-    return cls(config)  # type: ignore[arg-type]
+def create_source(config: SourceConfigBase, station: str = "") -> FrameSource:
+    """Build the source its config's `kind` names (its frames' result ids carry `station`); ConfigError
+    for an unknown kind."""
+    cls = plugin_for(SOURCES, config, "source", "source")
+    return cls(config, station)  # type: ignore[call-arg]
 
 
-__all__ = ["SOURCES", "CameraSource", "FolderSource", "FrameSource", "ReplaySource", "create_source"]
+__all__ = [
+    "SOURCES",
+    "CameraSource",
+    "CameraSourceConfig",
+    "FolderSource",
+    "FolderSourceConfig",
+    "FrameSource",
+    "ReplaySource",
+    "ReplaySourceConfig",
+    "SourceConfig",
+    "create_source",
+]

@@ -14,23 +14,58 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from lineside.agent.config import QueuePolicy
+from pydantic import Field
+
 from lineside.agent.errors import ImageDecodeError
-from lineside.agent.imaging import decode_image
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS, decode_image
+from lineside.agent.plugins import Plugin, QueuePolicy, StrictConfig
 from lineside.agent.results import Frame, FrameError
 
+DEFAULT_PATTERNS = ["*.png", "*.tif", "*.tiff", "*.jpg", "*.jpeg"]
 
-class FrameSource(ABC):
-    """Base class of frame sources. Thread-safe: `frames()` runs on one thread, `ack`/`release` on another."""
 
-    kind: ClassVar[str]
+class SourceConfigBase(StrictConfig):
+    """Settings every source has. `default_queue_policy` is the one place a source kind's queue default lives."""
+
     default_queue_policy: ClassVar[QueuePolicy] = "block"
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Source name in results; part of every result id, so keep it stable. Default: the kind.",
+    )
+    bits_stored: int | None = Field(
+        default=None, ge=8, le=16, description="Significant bits of 16-bit pixels (e.g. 12); None = all 16."
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        gt=0,
+        description="Images with more pixels are refused (decompression bombs).",
+    )
+
+    @property
+    def source_name(self) -> str:
+        return self.name or str(getattr(self, "kind", "source"))
+
+
+class FrameSource(Plugin, ABC):
+    """Base class of frame sources. Thread-safe: `frames()` runs on one thread, `ack`/`release` on another."""
+
+    config_class: ClassVar[type[SourceConfigBase]]
+
+    def __init__(self, config: SourceConfigBase, station: str = "") -> None:
+        self.config = config
+        self.station = station  # part of every result id
+        self.name = config.source_name
+        self.kind: str = str(getattr(config, "kind", "source"))
         self.counters: dict[str, int] = {}
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
+
+    @property
+    def default_queue_policy(self) -> QueuePolicy:
+        """What the frame queue does when full, unless the config's `queue.policy` says otherwise."""
+        return type(self.config).default_queue_policy
 
     def start(self, stop: threading.Event) -> None:
         """Open the source; `stop` ends `frames()`. Raises SourceError when the source cannot be opened."""
@@ -75,6 +110,7 @@ def frame_from_bytes(
     part_id: str | None = None,
     view: int | None = None,
     meta: dict[str, Any] | None = None,
+    station: str = "",
 ) -> Frame:
     """Decode image bytes into a Frame; a decode failure gives a Frame with `error` set, never raises."""
     captured_wall, captured_mono = datetime.now(UTC), time.monotonic()
@@ -99,10 +135,13 @@ def frame_from_bytes(
         error=error,
         decode_ms=decode_ms,
         meta=meta or {},
+        station=station,
     )
 
 
-def error_frame(error: FrameError, *, name: str, source: str, key: str, meta: dict[str, Any] | None = None) -> Frame:
+def error_frame(
+    error: FrameError, *, name: str, source: str, key: str, meta: dict[str, Any] | None = None, station: str = ""
+) -> Frame:
     """A Frame that carries only why it could not be read."""
     return Frame(
         frame_id=name,
@@ -113,4 +152,5 @@ def error_frame(error: FrameError, *, name: str, source: str, key: str, meta: di
         captured_mono=time.monotonic(),
         error=error,
         meta=meta or {},
+        station=station,
     )

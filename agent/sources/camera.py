@@ -6,13 +6,15 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import ClassVar, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field, model_validator
 
-from lineside.agent.config import CameraSourceConfig
+from lineside.agent.plugins import QueuePolicy
 from lineside.agent.results import Frame
-from lineside.agent.sources.base import FrameSource
+from lineside.agent.sources.base import FrameSource, SourceConfigBase
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +46,42 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, code)
 
 
+class CameraSourceConfig(SourceConfigBase):
+    """A live camera or frame grabber read through OpenCV."""
+
+    default_queue_policy: ClassVar[QueuePolicy] = "drop_oldest"
+
+    kind: Literal["camera"] = Field(description="Selects the live camera source.")
+    uri: int | str = Field(
+        description="Device index (0), RTSP/HTTP URL, or a GStreamer pipeline (a string containing '!')."
+    )
+    fps_limit: float = Field(default=0.0, ge=0, description="Deliver at most this many frames per second; 0 = all.")
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First delay before reconnecting, seconds.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="Longest delay between reconnects, seconds.")
+    max_read_failures: int = Field(
+        default=3, ge=1, description="Consecutive failed reads after which the camera is reopened."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> CameraSourceConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must be at least reconnect_min_s ({self.reconnect_min_s})"
+            )
+        return self
+
+
 class CameraSource(FrameSource):
     """Frames from `cv2.VideoCapture`; a lost stream is reopened, waiting reconnect_min_s .. reconnect_max_s.
 
     Counters: frames, reconnects, read_failures, open_failures, fps_skipped.
     """
 
-    kind = "camera"
-    default_queue_policy = "drop_oldest"
+    config_class = CameraSourceConfig
+    config: CameraSourceConfig
 
-    def __init__(self, config: CameraSourceConfig) -> None:
-        super().__init__(config.source_name)
-        self.config = config
+    def __init__(self, config: CameraSourceConfig, station: str = "") -> None:
+        super().__init__(config, station)
         self._capture: cv2.VideoCapture | None = None
         self._seq = 0
         # Sequence numbers restart with the process; the start time keeps frame keys unique across runs.
@@ -130,6 +156,7 @@ class CameraSource(FrameSource):
             frame_id=f"{self.name}-{self._seq:08d}",
             key=f"{self._session}:{self._seq}:{time.time_ns()}",
             source=self.name,
+            station=self.station,
             image=grey,
             captured_wall=wall,
             captured_mono=mono,

@@ -20,16 +20,25 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lineside.agent.config import FolderSourceConfig
+from pydantic import Field, field_validator, model_validator
+
 from lineside.agent.errors import SourceError
+from lineside.agent.plugins import path_problems
 from lineside.agent.results import Frame, FrameError
-from lineside.agent.sources.base import FrameSource, error_frame, frame_from_bytes
+from lineside.agent.sources.base import (
+    DEFAULT_PATTERNS,
+    FrameSource,
+    SourceConfigBase,
+    error_frame,
+    frame_from_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +132,86 @@ class Ledger:
         self._file.close()
 
 
+class FolderSourceConfig(SourceConfigBase):
+    """A hot folder the X-ray system writes finished images into."""
+
+    kind: Literal["folder"] = Field(description="Selects the hot-folder source.")
+    path: Path = Field(description="The hot folder watched for new images (top level only).")
+    done_dir: Path | None = Field(default=None, description="Where inspected images go; default PATH/done.")
+    failed_dir: Path | None = Field(
+        default=None,
+        description="Where undecodable or failed images go, with NAME.error.json; default PATH/failed.",
+    )
+    state_dir: Path | None = Field(
+        default=None, description="Where the exactly-once ledger is kept; default PATH/.lineside."
+    )
+    settle_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A file is complete once its size and mtime stayed unchanged this long.",
+    )
+    poll_interval: float = Field(default=0.5, gt=0, description="Seconds between scans of the hot folder.")
+    retry_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Delay before a file whose result could not be stored is offered again.",
+    )
+    patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PATTERNS),
+        min_length=1,
+        description="Glob patterns (case-insensitive) of image file names to pick up.",
+    )
+    part_id_regex: str | None = Field(
+        default=None,
+        description="Regex searched in the file name; named groups `part` and `view` give part id and view.",
+    )
+    sidecar: bool = Field(
+        default=True,
+        description="Read NAME.json next to an image ({'part_id': ..., 'view': ...}) when present.",
+    )
+    sidecar_required: bool = Field(
+        default=False, description="Wait for the NAME.json sidecar before picking an image up."
+    )
+
+    @field_validator("part_id_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            pattern = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from err
+        unknown = set(pattern.groupindex) - {"part", "view"}
+        if not pattern.groupindex or unknown:
+            raise ValueError(f"expected named groups 'part' and/or 'view', found {sorted(pattern.groupindex)}")
+        return value
+
+    def problems(self, key: str) -> list[str]:
+        # The hot folder must exist (the X-ray system writes there); the others are made at start.
+        return [
+            *path_problems(self.path, f"{key}.path", write=True),
+            *path_problems(self.done_dir, f"{key}.done_dir", write=True, create=True),
+            *path_problems(self.failed_dir, f"{key}.failed_dir", write=True, create=True),
+            *path_problems(self.state_dir, f"{key}.state_dir", write=True, create=True),
+        ]
+
+    @model_validator(mode="after")
+    def _default_dirs(self) -> FolderSourceConfig:
+        self.done_dir = self.done_dir or self.path / "done"
+        self.failed_dir = self.failed_dir or self.path / "failed"
+        self.state_dir = self.state_dir or self.path / ".lineside"
+        return self
+
+
 class FolderSource(FrameSource):
     """Watches a hot folder and delivers each complete image once; see the module docstring."""
 
-    kind = "folder"
-    default_queue_policy = "block"
+    config_class = FolderSourceConfig
+    config: FolderSourceConfig
 
-    def __init__(self, config: FolderSourceConfig) -> None:
-        super().__init__(config.source_name)
-        self.config = config
+    def __init__(self, config: FolderSourceConfig, station: str = "") -> None:
+        super().__init__(config, station)
         self.path = config.path
         assert config.done_dir and config.failed_dir and config.state_dir  # filled in by the config
         self.done_dir: Path = config.done_dir
@@ -191,7 +271,8 @@ class FolderSource(FrameSource):
         try:
             with os.scandir(self.path) as entries:
                 for entry in entries:
-                    if not self._wanted(entry.name) or not entry.is_file(follow_symlinks=False):
+                    # Symlinks are picked up too, to be refused with an error result (see _take).
+                    if not self._wanted(entry.name) or not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
                         continue
                     st = entry.stat(follow_symlinks=False)
                     signature: tuple[int, ...] = (st.st_size, st.st_mtime_ns)
@@ -265,12 +346,32 @@ class FolderSource(FrameSource):
         """Read one ready file into a Frame; None when it vanished or the ledger already has it."""
         path = self.path / name
         try:
+            link = path.lstat()
+            if path.is_symlink():
+                # Policy: regular files only. A link could point anywhere on the box (and its content
+                # would be uploaded for retraining), so it gets an error result and goes to failed/.
+                key = f"{name}:symlink:{link.st_ino}:{link.st_mtime_ns}"
+                self._mark_inflight(name, key)
+                message = (
+                    f"{path}: is a symbolic link (to {os.readlink(path)}); the hot folder takes regular files only"
+                )
+                return error_frame(
+                    FrameError("symlink_refused", message),
+                    name=name,
+                    source=self.name,
+                    key=key,
+                    meta={"file": name},
+                    station=self.station,
+                )
             data = path.read_bytes()
             stat = path.stat()
         except FileNotFoundError:
             return None  # moved away by someone else between scan and read
         except OSError as err:
-            key = f"{name}:unreadable"
+            # Keyed by this file's identity, not its name: a later unreadable file of the same name
+            # is another failure with its own result id and its own place in failed/.
+            identity = f"{link.st_ino}:{link.st_mtime_ns}:{link.st_size}" if "link" in locals() else uuid.uuid4().hex
+            key = f"{name}:unreadable:{identity}"
             self._mark_inflight(name, key)
             return error_frame(
                 FrameError("unreadable", f"{path}: cannot read file ({err.strerror})"),
@@ -278,6 +379,7 @@ class FolderSource(FrameSource):
                 source=self.name,
                 key=key,
                 meta={"file": name},
+                station=self.station,
             )
         sha = hashlib.sha256(data).hexdigest()
         key = f"{name}:{sha}"
@@ -285,7 +387,7 @@ class FolderSource(FrameSource):
         entry = self._ledger.get(key)
         if entry is not None:
             # Acknowledged before a crash, not moved yet: finish the move, do not inspect again.
-            self._finish(name, sha, entry)
+            self._finish(name, entry)
             self.count("recovered")
             logger.info("%s was already inspected (result %s); moved without re-inspection", name, entry.result_id)
             return None
@@ -300,7 +402,7 @@ class FolderSource(FrameSource):
         self._mark_inflight(name, key)
         self.count("frames")
         if sidecar_error is not None:
-            return error_frame(sidecar_error, name=name, source=self.name, key=key, meta=meta)
+            return error_frame(sidecar_error, name=name, source=self.name, key=key, meta=meta, station=self.station)
         if sidecar is not None:
             part_id = sidecar.pop("part_id", None) or part_id
             view = sidecar.pop("view", None) if sidecar.get("view") is not None else view
@@ -310,6 +412,7 @@ class FolderSource(FrameSource):
             data,
             name=name,
             source=self.name,
+            station=self.station,
             key=key,
             max_pixels=self.config.max_pixels,
             bits_stored=self.config.bits_stored,
@@ -341,7 +444,7 @@ class FolderSource(FrameSource):
         try:
             assert self._ledger is not None, "start() was not called"
             self._ledger.append(entry)
-            self._finish(name, str(frame.meta.get("sha256", "")), entry)
+            self._finish(name, entry)
         finally:
             with self._lock:
                 self._inflight.pop(name, None)
@@ -354,17 +457,26 @@ class FolderSource(FrameSource):
             self._inflight.pop(name, None)
             self._retry_at[name] = time.monotonic() + self.config.retry_seconds
 
-    def _target(self, folder: Path, name: str, sha: str) -> Path:
-        target = folder / name
-        if target.exists() and sha:
-            # Same name, other content (a reused file name): keep both.
-            target = folder / f"{Path(name).stem}.{sha[:12]}{Path(name).suffix}"
-        return target
+    def _target(self, folder: Path, name: str, key: str) -> Path:
+        """Where the file goes: its own name, or a name derived from its key when that is taken.
 
-    def _finish(self, name: str, sha: str, entry: LedgerEntry) -> None:
+        Never overwrites: a reused file name (other content, or another unreadable file) keeps both.
+        """
+        target = folder / name
+        if not (target.exists() or target.is_symlink()):
+            return target
+        stem, suffix = Path(name).stem, Path(name).suffix
+        tag = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+        for n in range(1000):
+            candidate = folder / f"{stem}.{tag}{f'-{n}' if n else ''}{suffix}"
+            if not (candidate.exists() or candidate.is_symlink()):
+                return candidate
+        raise SourceError(f"{folder}: no free name for {name} (1000 files of that name)")
+
+    def _finish(self, name: str, entry: LedgerEntry) -> None:
         source = self.path / name
         folder = self.done_dir if entry.ok else self.failed_dir
-        target = self._target(folder, name, sha)
+        target = self._target(folder, name, entry.key)
         sidecar = self._sidecar_path(name) if self.config.sidecar else None
         if not entry.ok:
             report = {

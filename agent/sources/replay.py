@@ -10,13 +10,39 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
 
-from lineside.agent.config import ReplaySourceConfig
+from pydantic import Field
+
 from lineside.agent.errors import SourceError
+from lineside.agent.plugins import path_problems
 from lineside.agent.results import Frame, FrameError
-from lineside.agent.sources.base import FrameSource, error_frame, frame_from_bytes
+from lineside.agent.sources.base import (
+    DEFAULT_PATTERNS,
+    FrameSource,
+    SourceConfigBase,
+    error_frame,
+    frame_from_bytes,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class ReplaySourceConfig(SourceConfigBase):
+    """Recorded images replayed as a stream, for soak tests and benchmarks."""
+
+    kind: Literal["replay"] = Field(description="Selects the replay source.")
+    path: Path = Field(description="Folder of images, replayed in name order.")
+    patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PATTERNS), min_length=1, description="Glob patterns of images."
+    )
+    rate_hz: float = Field(default=0.0, ge=0, description="Frames per second; 0 = as fast as the pipeline takes.")
+    loop: bool = Field(default=False, description="Start over after the last image.")
+    max_frames: int | None = Field(default=None, ge=1, description="Stop after this many frames; None = no limit.")
+
+    def problems(self, key: str) -> list[str]:
+        return path_problems(self.path, f"{key}.path")
 
 
 class ReplaySource(FrameSource):
@@ -26,12 +52,11 @@ class ReplaySource(FrameSource):
     frame key includes the loop number, so every replayed frame gets its own result id.
     """
 
-    kind = "replay"
-    default_queue_policy = "block"
+    config_class = ReplaySourceConfig
+    config: ReplaySourceConfig
 
-    def __init__(self, config: ReplaySourceConfig) -> None:
-        super().__init__(config.source_name)
-        self.config = config
+    def __init__(self, config: ReplaySourceConfig, station: str = "") -> None:
+        super().__init__(config, station)
         self._cache: dict[str, Frame] = {}
         self._names: list[str] = []
 
@@ -61,7 +86,7 @@ class ReplaySource(FrameSource):
                 data = (self.config.path / name).read_bytes()
             except OSError as err:
                 error = FrameError("unreadable", f"{name}: cannot read file ({err.strerror})")
-                frame = error_frame(error, name=name, source=self.name, key=f"{name}:unreadable")
+                frame = error_frame(error, name=name, source=self.name, key=f"{name}:unreadable", station=self.station)
                 self._cache[name] = frame
                 return frame
             sha = hashlib.sha256(data).hexdigest()
@@ -69,6 +94,7 @@ class ReplaySource(FrameSource):
                 data,
                 name=name,
                 source=self.name,
+                station=self.station,
                 key=f"{name}:{sha}",
                 max_pixels=self.config.max_pixels,
                 bits_stored=self.config.bits_stored,

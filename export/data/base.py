@@ -9,9 +9,6 @@ as mostly-normal data for unsupervised training, never as verified normals in ev
 from __future__ import annotations
 
 import logging
-import os
-import struct
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from lineside.agent.errors import DatasetError
-from lineside.agent.imaging import DEFAULT_MAX_PIXELS, decode_image
+from lineside.agent.errors import DatasetError, StoreError
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS, decode_image, header_size
+from lineside.agent.storage import read_uri
 
 logger = logging.getLogger(__name__)
-
-_s3_lock = threading.Lock()
-_s3_clients: dict[int, Any] = {}
 
 
 @dataclass(frozen=True, order=True)
@@ -116,62 +111,24 @@ class Dataset:
         }
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """('bucket', 'key') of an s3:// URI."""
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not uri.startswith("s3://") or not bucket or not key:
-        raise DatasetError(f"{uri}: expected an S3 URI of the form s3://bucket/key")
-    return bucket, key
-
-
-def s3_client() -> Any:
-    """The process's S3 client, made on first use (boto3 honours AWS_ENDPOINT_URL and the usual credentials).
-
-    Keyed by process id: a client must not be shared across fork (e.g. data loader workers).
-    """
-    pid = os.getpid()
-    with _s3_lock:
-        client = _s3_clients.get(pid)
-        if client is None:
-            import boto3  # only S3 data sets need it; local-only installs may lack it
-
-            client = boto3.client("s3")
-            _s3_clients.clear()
-            _s3_clients[pid] = client
-        return client
-
-
-def reset_s3_client() -> None:
-    """Forget the cached client, e.g. after the endpoint or credentials in the environment changed."""
-    with _s3_lock:
-        _s3_clients.clear()
-
-
 def read_bytes(uri: str | Path) -> bytes:
-    """The bytes of a local file or an s3:// object; a missing one is a DatasetError naming it."""
-    text = str(uri)
-    if text.startswith("s3://"):
-        bucket, key = split_s3_uri(text)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as err:  # botocore raises ClientError, EndpointConnectionError, NoCredentialsError...
-            raise DatasetError(f"{text}: cannot read from S3 ({err})") from err
+    """The bytes of a local file or an s3:// object (the agent's storage layer, one S3 client per process)."""
     try:
-        return Path(text).read_bytes()
-    except OSError as err:
-        raise DatasetError(f"{text}: cannot read file ({err.strerror})") from err
+        return read_uri(uri)
+    except StoreError as err:
+        raise DatasetError(str(err)) from err
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a local image: from the PNG header when it is a PNG, else by decoding."""
+    """(width, height) of a local image: from its header (PNG, JPEG) when it has one, else by decoding."""
     try:
         with path.open("rb") as f:
-            head = f.read(24)
+            head = f.read(1 << 16)
     except OSError as err:
         raise DatasetError(f"{path}: cannot read file ({err.strerror})") from err
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", head[16:24])
-        return int(width), int(height)
+    size = header_size(head)
+    if size is not None:
+        return size
     image = decode_image(read_bytes(path), str(path))
     return int(image.shape[1]), int(image.shape[0])
 
@@ -188,36 +145,3 @@ def clip_box(box: Box, size: tuple[int, int], where: str) -> Box:
 
 def _fmt(box: Box) -> str:
     return f"x {box.x1:g}..{box.x2:g}, y {box.y1:g}..{box.y2:g}"
-
-
-def open_dataset(location: str | Path) -> Dataset:
-    """Open a data set, detecting its layout.
-
-    - a `.manifest` / `.jsonl` file, local or s3:// -> Lookout for Vision manifest (export.data.lfv)
-    - a folder with `defective/`, `non-defective/`, `normal/` or `anomaly/` -> study layout
-    - a folder with `Castings/`, series folders of images, or a single series folder -> GDXray
-    """
-    # Imported here: the readers import this module for Box/Sample/Dataset.
-    from lineside.export.data import gdxray, lfv, study
-
-    text = str(location)
-    if text.startswith("s3://"):
-        return lfv.read_manifest(text)
-    path = Path(location)
-    if not path.exists():
-        raise DatasetError(
-            f"{path}: no such file or folder; expected a GDXray folder, a study folder "
-            "(defective/, non-defective/) or a .manifest/.jsonl file"
-        )
-    if path.is_file():
-        if path.suffix.lower() in lfv.MANIFEST_SUFFIXES:
-            return lfv.read_manifest(path)
-        raise DatasetError(f"{path}: expected a .manifest or .jsonl manifest file, found {path.suffix!r}")
-    if study.looks_like(path):
-        return study.read_study(path)
-    if gdxray.looks_like(path):
-        return gdxray.read_gdxray(path)
-    raise DatasetError(
-        f"{path}: unknown data set layout; expected Castings/ or series folders with images (GDXray), "
-        "defective/ and non-defective/ folders (study), or a .manifest/.jsonl file"
-    )

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from lineside.agent.errors import DatasetError
 from lineside.agent.lfv_manifest import ManifestLine, build_line, parse_line, to_line
-from lineside.export.data.base import Box, Dataset, Sample, clip_box, image_size, read_bytes, split_s3_uri
+from lineside.agent.storage import split_s3_uri
+from lineside.export.data.base import Box, Dataset, Sample, clip_box, image_size, read_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-import lineside.agent.cli
-from lineside.agent.cli import configure_logging, main, open_store, predict_batch
+import lineside.agent.runtime
+from lineside.agent.batch import predict_batch
+from lineside.agent.cli import configure_logging, main
+from lineside.agent.config import AgentConfig
+from lineside.agent.storage import open_store
 
 
 @pytest.fixture(autouse=True)
@@ -62,29 +64,6 @@ def test_predict_batch_twice_does_not_duplicate_results(inputs: Path, tmp_path: 
 
     # then
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def test_predict_batch_reads_and_writes_s3_prefixes(s3_endpoint: str, inputs: Path, make_inspector: Callable) -> None:
@@ -153,11 +132,11 @@ def test_run_serves_a_finite_source_into_the_configured_sinks_and_exits_0(
     engine = make_inspector()
     asked: dict[str, object] = {}
 
-    def fake_load(bundle: Path, **kwargs: object) -> object:
-        asked.update(kwargs, bundle=bundle)
+    def fake_load(config: AgentConfig) -> object:
+        asked.update(providers=list(config.inference.providers), bundle=config.bundle.path)
         return engine
 
-    monkeypatch.setattr(lineside.agent.cli, "_load_engine", fake_load)
+    monkeypatch.setattr(lineside.agent.runtime, "load_engine", fake_load)
     results = tmp_path / "results.jsonl"
     config = tmp_path / "agent.yaml"
     config.write_text(

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lineside.agent.config import (
-    EXIT_CONFIG,
-    CameraSourceConfig,
-    FolderSourceConfig,
-    load_config,
-    parse_config,
-    resolve_secret,
-)
+from lineside.agent.config import EXIT_CONFIG, load_config, parse_config, resolve_secret
 from lineside.agent.errors import ConfigError
+from lineside.agent.sources import CameraSourceConfig, FolderSourceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "agent.example.yaml"
@@ -200,13 +195,73 @@ def test_check_config_cli_prints_key_paths_and_exits_78(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
-def test_check_config_cli_accepts_the_example(tmp_path: Path) -> None:
-    # given / when
-    proc = run_cli("check-config", str(EXAMPLE))
+def test_check_config_cli_accepts_the_example_file(tmp_path: Path) -> None:
+    # given the sample as shipped (its paths exist on an installed box, not here)
+    # when only the file is checked
+    proc = run_cli("check-config", "--no-paths", str(EXAMPLE))
 
     # then
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: station ")
+
+
+def _example_on(tmp_path: Path) -> Path:
+    """The sample config with every path moved under tmp_path, the way an engineer edits it for a box."""
+    text = EXAMPLE.read_text()
+    for old in ("/var/lib/lineside", "/var/cache/lineside", "/srv/xray"):
+        text = text.replace(old, str(tmp_path / old.strip("/").replace("/", "_")))
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_accepts_the_example_once_its_folders_exist(tmp_path: Path) -> None:
+    # given the sample pointed at tmp_path, with the bundle and the hot folder in place
+    config = _example_on(tmp_path)
+    bundle = tmp_path / "var_lib_lineside" / "bundles" / "current"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    (tmp_path / "srv_xray" / "outgoing").mkdir(parents=True)
+
+    # when
+    proc = run_cli("check-config", str(config))
+
+    # then
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_config_names_every_missing_path_by_its_key(tmp_path: Path) -> None:
+    # given the sample pointed at tmp_path, but neither bundle nor hot folder exists
+    config = _example_on(tmp_path)
+
+    # when
+    proc = run_cli("check-config", str(config))
+
+    # then: exit 78, each problem under its key; folders made at start are not problems
+    assert proc.returncode == EXIT_CONFIG
+    problems = [line.strip() for line in proc.stderr.splitlines() if line.startswith("  ")]
+    assert [p.split(":")[0] for p in problems] == ["bundle.path", "source.path"]
+    assert all("does not exist" in p for p in problems)
+
+
+def test_check_config_refuses_a_hot_folder_it_cannot_write(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere; the check is for the service user")
+    # given a read-only hot folder
+    config = _example_on(tmp_path)
+    bundle = tmp_path / "var_lib_lineside" / "bundles" / "current"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    hot = tmp_path / "srv_xray" / "outgoing"
+    hot.mkdir(parents=True)
+    hot.chmod(0o555)
+
+    # when
+    proc = run_cli("check-config", str(config))
+
+    # then
+    assert proc.returncode == EXIT_CONFIG
+    assert f"source.path: {hot} is not writable" in proc.stderr
 
 
 def test_run_with_invalid_config_exits_78_before_loading_anything(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,3 +169,86 @@ def test_boxes_come_only_with_a_defective_verdict(engine: InferenceEngine, test_
     # then a good verdict carries no boxes, a defective one carries the localisers' boxes
     assert not quiet.is_defective and quiet.boxes == () and quiet.score < 0.5
     assert loud.is_defective and loud.score >= 0.5 and len(loud.boxes) > 0
+
+
+def _archive(bundle: Path, out: Path) -> Path:
+    archive = out / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="bundle")
+    return archive
+
+
+@pytest.fixture
+def own_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private temporary-files folder, so what the loader leaves behind can be counted."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_an_archive_bundle_leaves_no_folder_behind(test_bundle: Path, tmp_path: Path, own_tmpdir: Path) -> None:
+    # given the bundle as .tar.gz
+    archive = _archive(test_bundle, tmp_path)
+
+    # when it is loaded, used and closed
+    engine = InferenceEngine.load(archive, providers=["cpu"])
+    extracted = list(own_tmpdir.iterdir())
+    prediction = engine.predict(_golden_image(test_bundle))
+    engine.close()
+
+    # then it was served from one extracted folder, removed on close
+    assert len(extracted) == 1 and prediction.model_scores
+    assert list(own_tmpdir.iterdir()) == []
+
+
+def test_a_tampered_archive_is_refused_and_leaves_no_folder_behind(
+    test_bundle: Path, tmp_path: Path, own_tmpdir: Path
+) -> None:
+    # given an archive whose SSD anchors were changed after the build
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    anchors = np.load(copy / "ssd_anchors.npy")
+    np.save(copy / "ssd_anchors.npy", anchors * 1.01)
+    archive = _archive(copy, tmp_path)
+
+    # when / then
+    with pytest.raises(BundleError, match=r"ssd_anchors\.npy: sha256 is"):
+        InferenceEngine.load(archive, providers=["cpu"])
+    assert list(own_tmpdir.iterdir()) == []
+
+
+def test_an_unreadable_bundle_file_is_a_clear_error_naming_it(
+    test_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a model file the service user may not read (simulated: tests run as root)
+    from lineside.agent.bundle import loader
+
+    real = loader.sha256_file
+
+    def sha256_file(path: Path) -> str:
+        if path.name == "vae.onnx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(loader, "sha256_file", sha256_file)
+
+    # when / then: a BundleError naming the file, not a raw PermissionError
+    with pytest.raises(BundleError, match=r"vae\.onnx: cannot read \(Permission denied\)"):
+        InferenceEngine.load(test_bundle, providers=["cpu"])
+
+
+def test_an_unreadable_manifest_is_a_clear_error_naming_it(test_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given
+    real = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+    # when / then
+    with pytest.raises(BundleError, match=r"manifest\.json: cannot read the manifest \(Permission denied\)"):
+        InferenceEngine.load(test_bundle, providers=["cpu"])

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lineside.agent.config import FolderSourceConfig
 from lineside.agent.errors import SourceError
 from lineside.agent.results import Frame
-from lineside.agent.sources import create_source
+from lineside.agent.sources import FolderSourceConfig, create_source
 from lineside.agent.sources.folder import LEDGER_NAME, FolderSource
 
 
@@ -331,3 +330,104 @@ def test_a_missing_hot_folder_is_a_source_error(tmp_path: Path) -> None:
     # when / then
     with pytest.raises(SourceError, match="does not exist"):
         source.start(threading.Event())
+
+
+def test_a_symlink_gets_an_error_result_and_leaves_the_hot_folder(hot: Path, tmp_path: Path) -> None:
+    # given a link in the hot folder pointing at a file elsewhere on the box
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for upload")
+    (hot / "link.png").symlink_to(secret)
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        # when
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=False, reason=frame.error)
+
+        # then it is refused by name, its target never read, and the link moved to failed/ with its reason
+        assert frame.image is None and frame.error is not None
+        assert frame.error.code == "symlink_refused" and str(secret) in frame.error.message
+        assert not (hot / "link.png").is_symlink()
+        assert (source.failed_dir / "link.png").is_symlink()
+        report = json.loads((source.failed_dir / "link.png.error.json").read_text())
+        assert report["code"] == "symlink_refused"
+        assert secret.read_bytes() == b"not for upload"
+    finally:
+        runner.close()
+
+
+def test_two_unreadable_files_of_one_name_keep_two_results_and_two_places_in_failed(
+    hot: Path, put_png: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given files named a.png that cannot be read (the OS refusing the read is simulated: tests run as root)
+    original = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "a.png" and self.parent == hot:
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        frames = []
+        for value in (10, 200):
+            # when one arrives, is refused, and a later one of the same name arrives
+            put_png(hot / "a.png", value=value)
+            os.utime(hot / "a.png", ns=(value * 10**9, value * 10**9))
+            (frame,) = runner.take(1)
+            source.ack(frame, ok=False, reason=frame.error)
+            frames.append(frame)
+
+        # then: two error results with distinct ids, both files kept in failed/ with their own report
+        assert [f.error.code for f in frames if f.error] == ["unreadable", "unreadable"]
+        assert frames[0].result_id != frames[1].result_id
+        kept = sorted(p.name for p in source.failed_dir.iterdir() if not p.name.endswith(".error.json"))
+        assert len(kept) == 2 and "a.png" in kept
+        reports = [json.loads(p.read_text()) for p in source.failed_dir.glob("*.error.json")]
+        assert sorted(r["result_id"] for r in reports) == sorted(f.result_id for f in frames)
+    finally:
+        runner.close()
+
+
+def test_a_reused_name_never_overwrites_done(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given done/ already holds a.png
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        put_png(hot / "a.png", value=10)
+        (first,) = runner.take(1)
+        source.ack(first, ok=True)
+        before = (source.done_dir / "a.png").read_bytes()
+
+        # when another file named a.png is inspected
+        put_png(hot / "a.png", value=90)
+        (second,) = runner.take(1)
+        source.ack(second, ok=True)
+
+        # then both are kept
+        assert (source.done_dir / "a.png").read_bytes() == before
+        assert len(list(source.done_dir.glob("a.*.png"))) == 1
+    finally:
+        runner.close()
+
+
+def test_results_of_one_file_at_two_stations_have_different_ids(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given the same file seen by sources of two stations (same default source name)
+    put_png(hot / "a.png")
+    ids = []
+    for station in ("cell-1", "cell-2"):
+        source = create_source(
+            FolderSourceConfig(kind="folder", path=hot, settle_seconds=0, poll_interval=0.02), station=station
+        )
+        runner = Runner(source)
+        try:
+            (frame,) = runner.take(1)
+            ids.append(frame.result_id)
+            source.release(frame)
+        finally:
+            runner.close()
+
+    # then
+    assert ids[0] != ids[1]

@@ -10,32 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lineside.agent.config import FolderSourceConfig, QueueConfig, ReplaySourceConfig
+from lineside.agent.config import QueueConfig
 from lineside.agent.pipeline import Pipeline, inspect_frame
-from lineside.agent.results import Frame, InspectionResult
 from lineside.agent.sinks import JsonlSink
-from lineside.agent.sinks.base import Sink
-from lineside.agent.sources import FolderSource, ReplaySource
+from lineside.agent.sources import FolderSource, FolderSourceConfig, ReplaySource, ReplaySourceConfig
 from lineside.agent.sources.base import frame_from_bytes
-
-
-class RecordingSink(Sink):
-    """Records what it is given; raises on every call when `fail` is set."""
-
-    def __init__(self, name: str = "recording", *, fail: bool = False, durable: bool = False) -> None:
-        self.name = name
-        self.fail = fail
-        self.durable = durable
-        self.results: list[InspectionResult] = []
-        self.closed = False
-
-    def publish(self, result: InspectionResult, frame: Frame) -> None:
-        if self.fail:
-            raise OSError("disk full (simulated)")
-        self.results.append(result)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture
@@ -62,10 +41,10 @@ def run_to_end(pipeline: Pipeline, timeout: float = 20.0) -> dict:
     return pipeline.stats()
 
 
-def test_every_frame_gets_exactly_one_result(images: Path, make_inspector: Callable) -> None:
+def test_every_frame_gets_exactly_one_result(images: Path, make_inspector: Callable, make_sink: Callable) -> None:
     # given: 3 passes over 5 images through a queue of 2 that blocks when full
     inspector = make_inspector()
-    sink = RecordingSink()
+    sink = make_sink()
     pipeline = Pipeline(
         replay(images, loop=True, max_frames=15), inspector, [sink], QueueConfig(capacity=2, policy="block")
     )
@@ -91,10 +70,12 @@ def test_every_frame_gets_exactly_one_result(images: Path, make_inspector: Calla
     assert stats["latency_ms"]["total"]["p95"] >= stats["latency_ms"]["total"]["p50"]
 
 
-def test_drop_oldest_counts_every_drop_when_inference_is_slow(images: Path, make_inspector: Callable) -> None:
+def test_drop_oldest_counts_every_drop_when_inference_is_slow(
+    images: Path, make_inspector: Callable, make_sink: Callable
+) -> None:
     # given: frames arrive much faster than a slow inspector handles them
     inspector = make_inspector(delay=0.05)
-    sink = RecordingSink()
+    sink = make_sink()
     pipeline = Pipeline(
         replay(images, loop=True, max_frames=40),
         inspector,
@@ -114,11 +95,11 @@ def test_drop_oldest_counts_every_drop_when_inference_is_slow(images: Path, make
 
 
 def test_a_raising_inspector_gives_error_results_and_the_pipeline_goes_on(
-    images: Path, make_inspector: Callable
+    images: Path, make_inspector: Callable, make_sink: Callable
 ) -> None:
     # given: every second prediction raises
     inspector = make_inspector(fail_every=2)
-    sink = RecordingSink()
+    sink = make_sink()
     pipeline = Pipeline(replay(images, loop=True, max_frames=10), inspector, [sink])
 
     # when
@@ -136,10 +117,10 @@ def test_a_raising_inspector_gives_error_results_and_the_pipeline_goes_on(
 
 
 def test_a_raising_sink_is_counted_and_the_other_sinks_still_get_every_result(
-    images: Path, tmp_path: Path, make_inspector: Callable
+    images: Path, tmp_path: Path, make_inspector: Callable, make_sink: Callable
 ) -> None:
     # given: a broken non-durable sink before a real jsonl sink
-    broken = RecordingSink("broken", fail=True)
+    broken = make_sink("broken", fail=True)
     jsonl = JsonlSink(tmp_path / "results.jsonl")
     pipeline = Pipeline(replay(images), make_inspector(), [broken, jsonl])
 
@@ -154,7 +135,7 @@ def test_a_raising_sink_is_counted_and_the_other_sinks_still_get_every_result(
 
 
 def test_decode_failures_pass_through_as_error_results(
-    tmp_path: Path, put_png: Callable[..., Path], make_inspector: Callable
+    tmp_path: Path, put_png: Callable[..., Path], make_inspector: Callable, make_sink: Callable
 ) -> None:
     # given
     folder = tmp_path / "mixed"
@@ -162,7 +143,7 @@ def test_decode_failures_pass_through_as_error_results(
     put_png(folder / "good.png")
     (folder / "bad.png").write_bytes(b"garbage")
     inspector = make_inspector()
-    sink = RecordingSink()
+    sink = make_sink()
 
     # when
     run_to_end(Pipeline(replay(folder), inspector, [sink]))
@@ -177,7 +158,7 @@ def test_decode_failures_pass_through_as_error_results(
 
 
 def test_hot_folder_through_pipeline_moves_files_and_failed_durable_sink_holds_them_back(
-    tmp_path: Path, put_png: Callable[..., Path], make_inspector: Callable
+    tmp_path: Path, put_png: Callable[..., Path], make_inspector: Callable, make_sink: Callable
 ) -> None:
     # given: one good and one broken image; first a durable sink that fails
     hot = tmp_path / "hot"
@@ -186,7 +167,7 @@ def test_hot_folder_through_pipeline_moves_files_and_failed_durable_sink_holds_t
     (hot / "broken.png").write_bytes(b"nope")
     config = FolderSourceConfig(kind="folder", path=hot, settle_seconds=0, poll_interval=0.02, retry_seconds=60)
     stop = threading.Event()
-    failing = RecordingSink("store", fail=True, durable=True)
+    failing = make_sink("store", fail=True, durable=True)
     pipeline = Pipeline(FolderSource(config), make_inspector(), [failing], stop_event=stop)
 
     # when: the durable sink fails

@@ -11,9 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lineside.agent.config import CameraSourceConfig, ReplaySourceConfig
 from lineside.agent.errors import SourceError
-from lineside.agent.sources import CameraSource, ReplaySource, create_source
+from lineside.agent.sources import CameraSource, CameraSourceConfig, ReplaySource, ReplaySourceConfig, create_source
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lineside.agent.config import AnnotateSinkConfig, JsonlSinkConfig
 from lineside.agent.errors import ConfigError
 from lineside.agent.results import Frame, InspectionResult, ResultBox, result_id_for
-from lineside.agent.sinks import AnnotateSink, JsonlSink, create_sink
+from lineside.agent.sinks import AnnotateSink, AnnotateSinkConfig, JsonlSink, JsonlSinkConfig, create_sink
 from lineside.agent.sinks.annotate import to_display
 
 
@@ -31,7 +30,7 @@ def make_frame(name: str, image: np.ndarray | None = None) -> Frame:
 
 def make_result(frame: Frame, *, defective: bool = True, score: float = 0.8) -> InspectionResult:
     return InspectionResult(
-        result_id=result_id_for(frame.source, frame.key),
+        result_id=result_id_for(frame.station, frame.source, frame.key),
         frame_id=frame.frame_id,
         source=frame.source,
         captured_at=frame.captured_wall,

@@ -1,14 +1,12 @@
-"""Shared fixtures for the export tests: synthetic data sets, the real GDXray folder, an S3 endpoint."""
+"""Shared fixtures for the export tests: synthetic data sets and the real GDXray folder."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lineside.export.data.base import reset_s3_client
 from lineside.export.synth import SynthSummary, generate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,24 +28,3 @@ def gdxray_root() -> Path:
     if not (root / "Castings").is_dir():
         pytest.skip(f"GDXray data not found at {root} (set LINESIDE_GDXRAY to its folder)")
     return root
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 API (moto server) on a free loopback port, with boto3 pointed at it via the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    reset_s3_client()
-    try:
-        yield endpoint
-    finally:
-        reset_s3_client()
-        server.stop()

@@ -276,6 +276,30 @@ def test_inspect_writes_one_result_per_file_and_flags_every_bad_one(
         assert jpeg is not None and jpeg.shape == (*cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).shape, 3)
 
 
+def test_inspect_with_default_providers_keeps_stdout_for_results_only(
+    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path]
+) -> None:
+    # given the default provider order (TensorRT, CUDA, CPU), as a new user runs it; on a machine
+    # without CUDA libraries ONNX Runtime would fall back and print banners
+    paths = [images[0], images[1], test_bundle / manifest.golden[0].file.path]
+
+    # when
+    done = agent("inspect", "--bundle", test_bundle, *paths)
+
+    # then every stdout line is one JSON result (what `| jq .` needs), and stderr says in one line
+    # which providers run and why the others were skipped
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(paths)
+    results = [InspectionResult.model_validate(json.loads(line)) for line in lines]
+    assert [r.meta["file"] for r in results] == [p.name for p in paths]
+    provider_lines = [line for line in done.stderr.splitlines() if "execution providers:" in line]
+    assert len(provider_lines) <= 1
+    if "CUDAExecutionProvider" not in results[0].providers:
+        assert len(provider_lines) == 1 and "cuda skipped:" in provider_lines[0], done.stderr
+    assert "EP Error" not in done.stderr + done.stdout
+
+
 # -- run: hot folder ------------------------------------------------------------------------------
 
 
@@ -480,22 +504,8 @@ def test_predict_writes_results_and_annotated_images_for_a_folder(
     assert all(cv2.imread(str(out / "annotated" / name)) is not None for name in annotated)
 
 
-@pytest.fixture
-def moto_endpoint() -> Iterator[str]:
-    """A real S3 API over HTTP on loopback (moto server), in this process."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 def test_predict_reads_from_and_writes_to_s3(
-    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path], moto_endpoint: str
+    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path], s3_endpoint: str
 ) -> None:
     # given images uploaded under s3://xray-e2e/batch-7/ (moto shares state within a process: own bucket)
     import boto3
@@ -503,7 +513,7 @@ def test_predict_reads_from_and_writes_to_s3(
     creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     client = boto3.client(
         "s3",
-        endpoint_url=moto_endpoint,
+        endpoint_url=s3_endpoint,
         aws_access_key_id="test",
         aws_secret_access_key="test",
         region_name="us-east-1",
@@ -513,7 +523,7 @@ def test_predict_reads_from_and_writes_to_s3(
     for name, path in sources.items():
         client.put_object(Bucket="xray-e2e", Key=f"batch-7/{name}", Body=path.read_bytes())
     env = agent_env(
-        AWS_ENDPOINT_URL=moto_endpoint,
+        AWS_ENDPOINT_URL=s3_endpoint,
         AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
         NO_PROXY="127.0.0.1,localhost",

@@ -1,0 +1,79 @@
+"""The agent's event hook: things a plant should hear about besides results.
+
+Any part publishes (`events.publish("bundle_changed", "...", version=...)`); services subscribe
+(MQTT's `event` topic, metrics, logs). Delivery is synchronous on the publisher's thread, so a
+subscriber must be quick and never block (queue the event if it has slow I/O to do); a subscriber
+that raises is logged and counted, and never reaches the publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Kinds published today; subscribers should pass unknown kinds through rather than fail on them.
+EVENT_KINDS = (
+    "started",  # the agent serves frames
+    "stopping",  # a clean shutdown began
+    "bundle_changed",  # a new engine took over between two frames
+    "frame_error",  # a frame got an error result (code, message)
+    "frame_dropped",  # a frame left the pipeline without a result (reason)
+    "sink_failed",  # a sink raised on a result
+    "service_failed",  # a service could not start or stopped with an error
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event: a kind from EVENT_KINDS, a human-readable message, and structured fields."""
+
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventHub:
+    """Publish/subscribe between the agent's parts; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+        self.published = 0
+        self.subscriber_failures = 0
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call `subscriber(event)` for every later event; returns a function that unsubscribes."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if subscriber in self._subscribers:
+                    self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    def publish(self, kind: str, message: str, **data: Any) -> Event:
+        """Deliver an event to every subscriber; never raises."""
+        event = Event(kind, message, data)
+        with self._lock:
+            subscribers = list(self._subscribers)
+            self.published += 1
+        for subscriber in subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                with self._lock:
+                    self.subscriber_failures += 1
+                logger.exception("event subscriber %r failed on %s", subscriber, kind)
+        return event

@@ -1,0 +1,295 @@
+"""The daemon as one object: `Agent` owns every lifecycle (Frigate's app object is the model).
+
+Start order: engine (bundle verified, sessions created, golden images replayed) -> source and sinks ->
+pipeline (capture, inference, dispatch threads) -> services (in `services.PLUGINS` order). Stop order is
+the reverse, inside the stop budget (`stop_timeout_s`, below the unit's TimeoutStopSec). A failure at
+any step of the start closes what was started, in reverse, and re-raises: nothing is left running.
+
+Other parts use three things: `status()` (one consistent snapshot), `events` (publish/subscribe), and
+`swap_engine()` (a new bundle between two frames).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any, Protocol
+
+from lineside.agent.config import AgentConfig
+from lineside.agent.errors import EXIT_FAILURE, EXIT_OK, BundleError, InferenceError, SourceError
+from lineside.agent.events import EventHub
+from lineside.agent.pipeline import Inspector, Pipeline
+from lineside.agent.services import PLUGINS as SERVICE_PLUGINS
+from lineside.agent.services import Service
+from lineside.agent.sinks import Sink, create_sink
+from lineside.agent.sources import FrameSource, create_source
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Inspector, Protocol):
+    """An inspector the agent owns: it closes it when done with it."""
+
+    def close(self) -> None: ...
+
+
+def load_engine(config: AgentConfig) -> Engine:
+    """The engine for the configured bundle and inference settings (verified, warmed up, golden-checked)."""
+    # Imported here: onnxruntime is heavy, and check-config must work without it.
+    from lineside.agent.inference.engine import InferenceEngine
+
+    inference = config.inference
+    return InferenceEngine.load(
+        config.bundle.path,
+        providers=list(inference.providers),
+        device_id=inference.device_id,
+        require_gpu=inference.require_gpu,
+        trt_cache_dir=inference.trt_cache_dir,
+        trt_fp16=inference.trt_fp16,
+        verify_golden=inference.verify_golden,
+    )
+
+
+class AgentState(enum.StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """What the agent is doing, as one consistent snapshot (services read this, never each other)."""
+
+    state: AgentState
+    station: str
+    bundle_id: str | None
+    bundle_version: str | None
+    providers: list[str]
+    counters: dict[str, Any]
+    last_progress_age_s: float  # seconds since the inference loop last went round; idle waits count
+    started_at: datetime | None
+    services: list[str] = field(default_factory=list)
+    failure: str | None = None
+
+
+class Agent:
+    """Builds, starts, runs, swaps and stops everything the daemon is made of; see the module docstring.
+
+    `engine_loader` and `sinks` may be given instead of the config's (benchmarks use a null sink, tests
+    a recording engine); `services` replaces the registered services.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        engine_loader: Callable[[AgentConfig], Engine] | None = None,
+        sinks: Sequence[Sink] | None = None,
+        services: Sequence[Service] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.stop_event = stop_event or threading.Event()
+        self.events = EventHub()
+        self._engine_loader = engine_loader
+        self._given_sinks = None if sinks is None else list(sinks)
+        self._given_services = None if services is None else list(services)
+        self._lock = threading.RLock()
+        self._state = AgentState.CREATED
+        self._failure: str | None = None
+        self._started_at: datetime | None = None
+        self.engine: Engine | None = None
+        self.source: FrameSource | None = None
+        self.sinks: list[Sink] = []
+        self.pipeline: Pipeline | None = None
+        self.services: list[Service] = []  # the started ones, in start order
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start everything in order; on any failure close what started (reverse) and re-raise."""
+        self._set_state(AgentState.STARTING)
+        try:
+            self.engine = (self._engine_loader or load_engine)(self.config)
+            if self.stop_event.is_set():
+                return  # stopped while the bundle loaded: nothing more to start
+            self.source = create_source(self.config.source, station=self.config.station)
+            self.sinks = (
+                list(self._given_sinks)
+                if self._given_sinks is not None
+                else [create_sink(c) for c in self.config.sinks]
+            )
+            self.pipeline = Pipeline(
+                self.source,
+                self.engine,
+                self.sinks,
+                self.config.queue,
+                policy=self.config.queue_policy(),
+                stop_event=self.stop_event,
+                events=self.events,
+                join_timeout=self.config.stop_timeout_s / 4,
+            )
+            self.pipeline.start()
+            planned = (
+                self._given_services
+                if self._given_services is not None
+                else [s for plugin in SERVICE_PLUGINS if (s := plugin.from_agent(self)) is not None]
+            )
+            for service in planned:
+                try:
+                    service.start(self.stop_event)
+                except Exception as err:
+                    self.events.publish("service_failed", f"service {service.name} failed to start: {err}")
+                    raise
+                self.services.append(service)
+        except BaseException as err:
+            self._failure = f"{type(err).__name__}: {err}"
+            self._teardown()
+            self._set_state(AgentState.FAILED)
+            raise
+        self._started_at = datetime.now(UTC)
+        self._set_state(AgentState.RUNNING)
+        version = self.engine.manifest.version
+        self.events.publish("started", f"station {self.config.station} serving bundle {version}", version=version)
+        logger.info(
+            "agent running: station %s, bundle %s, providers %s, services %s",
+            self.config.station,
+            version,
+            ",".join(self.engine.providers_in_use),
+            ",".join(s.name for s in self.services) or "none",
+        )
+
+    def wait(self) -> None:
+        """Block until stopped (signal, `stop()`) or a finite source is exhausted."""
+        while not self.stop_event.is_set():
+            if self.pipeline is None or self.pipeline.finished:
+                return
+            self.stop_event.wait(0.5)
+
+    def stop(self) -> None:
+        """Stop everything in reverse start order, inside `stop_timeout_s`. Safe to call twice."""
+        with self._lock:
+            if self._state in (AgentState.STOPPED, AgentState.FAILED, AgentState.STOPPING):
+                return
+            self._set_state(AgentState.STOPPING)
+        self.events.publish("stopping", f"station {self.config.station} stopping")
+        start = time.monotonic()
+        self._teardown()
+        self._set_state(AgentState.STOPPED)
+        took = time.monotonic() - start
+        if took > self.config.stop_timeout_s:
+            logger.warning("stopping took %.1f s, beyond stop_timeout_s %.1f s", took, self.config.stop_timeout_s)
+
+    def _teardown(self) -> None:
+        self.stop_event.set()
+        for service in reversed(self.services):
+            try:
+                service.close()
+            except Exception:
+                logger.exception("closing service %s failed", service.name)
+        self.services = []
+        if self.pipeline is not None:
+            self.pipeline.stop()  # joins its threads, closes the source and the sinks
+            logger.info("stopped; counters: %s", json.dumps(self.pipeline.stats(), sort_keys=True))
+        else:
+            # Built but never handed to a pipeline (a failure in between): close them here.
+            for closable in [*self.sinks, *([self.source] if self.source is not None else [])]:
+                try:
+                    closable.close()
+                except Exception:
+                    logger.exception("closing %s failed", closable.name)
+        if self.engine is not None:
+            self.engine.close()
+
+    def run(self) -> int:
+        """The daemon's main: signal handlers first (a SIGTERM while the bundle loads stops cleanly), then
+        start, wait, stop. Returns the process exit code."""
+        previous = self._install_signal_handlers()
+        try:
+            try:
+                self.start()
+            except (BundleError, InferenceError) as err:
+                logger.error("cannot serve bundle %s: %s", self.config.bundle.path, err)
+                return EXIT_FAILURE
+            except (SourceError, OSError) as err:
+                logger.error("cannot start: %s", err)
+                return EXIT_FAILURE
+            self.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        failure = self.pipeline.failure if self.pipeline is not None else None
+        return EXIT_FAILURE if failure is not None else EXIT_OK
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s; stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    # -- what other parts use --------------------------------------------------------------------
+
+    def swap_engine(self, new_engine: Engine, timeout: float = 30.0) -> None:
+        """Serve `new_engine` from the next frame on; close the old one after the last frame it inspects.
+
+        The new engine must be fully loaded and verified: no frame ever meets a half-loaded one. On a
+        timeout (a frame stuck in the old engine) the old engine stays and TimeoutError is raised.
+        """
+        with self._lock:
+            old = self.engine
+            old_version = old.manifest.version if old is not None else None
+            if self.pipeline is not None:
+                old = self.pipeline.swap_inspector(new_engine, timeout)
+            self.engine = new_engine
+        if old is not None and old is not new_engine:
+            old.close()
+        new_version = new_engine.manifest.version
+        logger.info("bundle swapped: %s -> %s", old_version, new_version)
+        self.events.publish(
+            "bundle_changed",
+            f"bundle {old_version} -> {new_version}",
+            old_version=old_version,
+            version=new_version,
+            bundle_id=new_engine.manifest.bundle_id,
+        )
+
+    def status(self) -> AgentStatus:
+        """One consistent snapshot of state, bundle, providers, counters and progress."""
+        with self._lock:
+            engine, pipeline = self.engine, self.pipeline
+            state, failure = self._state, self._failure
+            services = [s.name for s in self.services]
+        counters = pipeline.stats() if pipeline is not None else {}
+        age = time.monotonic() - pipeline.last_progress() if pipeline is not None else 0.0
+        return AgentStatus(
+            state=state,
+            station=self.config.station,
+            bundle_id=engine.manifest.bundle_id if engine is not None else None,
+            bundle_version=engine.manifest.version if engine is not None else None,
+            providers=list(engine.providers_in_use) if engine is not None else [],
+            counters=counters,
+            last_progress_age_s=age,
+            started_at=self._started_at,
+            services=services,
+            failure=failure,
+        )
+
+    def _set_state(self, state: AgentState) -> None:
+        with self._lock:
+            self._state = state
