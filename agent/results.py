@@ -68,7 +68,7 @@ class ResultBox(_Frozen):
     x2: float
     y2: float
     score: float
-    source: Literal["ssd", "vae"] = Field(description="The model that produced the box.")
+    source: str = Field(description="The model kind that produced the box, e.g. 'ssd' or 'vae'.")
 
 
 class ResultError(_Frozen):

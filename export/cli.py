@@ -30,10 +30,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
-    from lineside.export import train as training
+    from lineside.export.models import EXPORT_KINDS
+    from lineside.export.train import TrainOptions
 
     _, train, val, _test, split = datasets_for(args.data, args.split)
-    opts = training.TrainOptions(
+    opts = TrainOptions(
         out=Path(args.out),
         epochs=args.epochs,
         seed=args.seed,
@@ -45,8 +46,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         pretrained=getattr(args, "pretrained", False),
         init_from=Path(args.init_from) if getattr(args, "init_from", None) else None,
     )
-    fn = {"vae": training.train_vae, "ssd": training.train_ssd, "classifier": training.train_classifier}[kind]
-    out = fn(train, val, opts, split)
+    out = EXPORT_KINDS[kind].train(train, val, opts, split)
     print(f"{kind} trained: {out}")
     return 0
 
@@ -69,7 +69,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from lineside.export.build import BuildOptions, build_bundle, dataset_summary
+    from lineside.export.models import EXPORT_KINDS
 
+    kinds = list(EXPORT_KINDS)
     dataset, train, val, test, _split = datasets_for(args.calib, args.split)
     calib = val if val.samples else dataset
 
@@ -78,9 +80,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         BuildOptions(
             out=Path(args.out),
             calib=calib,
-            vae=Path(args.vae) if args.vae else None,
-            ssd=Path(args.ssd) if args.ssd else None,
-            classifier=Path(args.classifier) if args.classifier else None,
+            runs={kind: Path(run) for kind in kinds if (run := getattr(args, kind))},
             version=args.version,
             force=args.force,
             dataset_summary=summary,
@@ -130,35 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-contrast", type=float, default=1.0, help="1.0 = GDXray-like; the demo uses 3")
     p.set_defaults(func=cmd_synth)
 
-    for kind, default_epochs, presets in (
-        ("vae", 10, None),
-        ("ssd", 10, "tile256-mobilenet0.25 (default), tile256-mobilenet1.0, ssd512-mobilenet1.0"),
-        ("classifier", 10, "a GluonCV backbone: mobilenet0.25 (default), mobilenet1.0, resnet18_v1"),
-    ):
+    from lineside.export.models import EXPORT_KINDS  # imports MXNet
+
+    for kind, handler in EXPORT_KINDS.items():
         p = sub.add_parser(f"train-{kind}", help=f"train the {kind} in MXNet Gluon")
         p.add_argument("--data", required=True, help="dataset folder, manifest or s3:// manifest")
         p.add_argument("--out", required=True, help="run folder to write")
-        p.add_argument("--epochs", type=int, default=default_epochs)
+        p.add_argument("--epochs", type=int, default=handler.default_epochs)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--gpus", type=_gpus, default=[], help="e.g. 0,1 (data parallel); CPU when empty")
         p.add_argument("--split", help="split JSON {train, val, test}: group names")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
         p.add_argument("--lr", type=float, default=1e-3)
-        if kind == "ssd":
-            p.add_argument("--init-from", help="continue from the weights of an earlier SSD run (same preset)")
-        if presets:
-            p.add_argument("--preset", help=presets)
-        if kind in ("ssd", "classifier"):
-            p.add_argument(
-                "--pretrained", action="store_true", help="start from GluonCV zoo ImageNet weights (needs network)"
-            )
+        handler.add_arguments(p)
         p.set_defaults(func=lambda a, k=kind: _train(a, k))
 
     p = sub.add_parser("build", help="export ONNX with parity checks, calibrate, pack a bundle")
-    p.add_argument("--vae")
-    p.add_argument("--ssd")
-    p.add_argument("--classifier")
+    for kind in EXPORT_KINDS:
+        p.add_argument(f"--{kind}", help=f"run folder of a trained {kind}")
     p.add_argument("--calib", required=True, help="dataset whose validation split calibrates thresholds")
     p.add_argument("--split", help="split JSON; calibration uses its val groups")
     p.add_argument("--out", required=True, help="bundle folder to write (a .tar.gz is written beside it)")

@@ -12,8 +12,9 @@ from tqdm import tqdm
 from lineside.agent.errors import DatasetError
 from lineside.agent.inference.engine import InferenceEngine
 from lineside.export import metrics
-from lineside.export.build import localiser_evals
 from lineside.export.data.base import Dataset
+from lineside.export.models import EXPORT_KINDS
+from lineside.export.models.base import ground_truth
 
 logger = logging.getLogger(__name__)
 
@@ -21,28 +22,29 @@ logger = logging.getLogger(__name__)
 def evaluate_bundle(bundle: Path, test: Dataset, providers: list[str] | None = None) -> dict[str, Any]:
     """Per method (classifier, vae, ssd, combined): the study table, box P/R/F1, AP50, image level."""
     engine = InferenceEngine.load(bundle, providers=providers or ["cpu"])
+    try:
+        return _evaluate(engine, test)
+    finally:
+        engine.close()
+
+
+def _evaluate(engine: InferenceEngine, test: Dataset) -> dict[str, Any]:
     samples = [s for s in test.samples if s.annotated]
     if not samples:
         raise DatasetError(f"{test.root}: no annotated test image (unannotated series never count as normal)")
-    th = engine.manifest.thresholds
     outputs, predictions = [], []
     for sample in tqdm(samples, desc="evaluating", unit="img", disable=None):
         out = engine.analyze(sample.load())
         outputs.append(out)
         predictions.append(engine.decide(out))
     labels = np.asarray([bool(s.label) for s in samples])
-    results: dict[str, Any] = {}
-    kinds = list(engine.manifest.models)
-    if "classifier" in kinds:
-        decisions = np.asarray([o.classifier_score >= th.classifier for o in outputs])
-        results["classifier"] = {"image": metrics.image_level(labels, decisions)}
-    for kind in ("vae", "ssd"):
-        if kind in kinds:
-            evals = localiser_evals(outputs, samples, kind, th)
-            results[kind] = metrics.evaluate_method(evals, score_threshold=th.ssd_score if kind == "ssd" else 0.0)
+    thresholds = engine.thresholds()
+    results: dict[str, Any] = {
+        kind: EXPORT_KINDS[kind].evaluate(outputs, samples, thresholds[kind]) for kind in engine.manifest.models
+    }
     combined = []
     for s, o, p in zip(samples, outputs, predictions, strict=True):
-        gt = np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in s.boxes], np.float32).reshape(-1, 4)
+        gt = ground_truth(s)
         boxes = np.asarray([(d.x1, d.y1, d.x2, d.y2) for d in p.boxes], np.float32).reshape(-1, 4)
         scores = np.asarray([d.score for d in p.boxes], np.float32)
         combined.append(
@@ -57,7 +59,7 @@ def evaluate_bundle(bundle: Path, test: Dataset, providers: list[str] | None = N
         "test_groups": test.groups(),
         "images": len(samples),
         "defective_images": int(labels.sum()),
-        "thresholds": th.model_dump(),
+        "thresholds": {kind: t.model_dump() for kind, t in thresholds.items()},
         "decision_rule": engine.manifest.decision.defective_if_any,
         "latency_ms": {"median": float(np.median(ms)), "p99": float(np.percentile(ms, 99))},
         "methods": results,

@@ -47,14 +47,15 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     if not HAS_MXNET:
         pytest.skip("MXNet is not installed in this environment (agent-only venv)")
     from lineside.export.data import datasets_for
-    from lineside.export.train import TrainOptions, train_classifier, train_ssd, train_vae
+    from lineside.export.models import EXPORT_KINDS
+    from lineside.export.train import TrainOptions
 
     _, train, val, _test, split = datasets_for(str(synth_dir), None)
     root = tmp_path_factory.mktemp("runs")
     runs = {}
-    for kind, fn in (("classifier", train_classifier), ("vae", train_vae), ("ssd", train_ssd)):
+    for kind, handler in EXPORT_KINDS.items():
         opts = TrainOptions(out=root / kind, epochs=2, iters_per_epoch=3, batch_size=4, val_batches=2, seed=1)
-        runs[kind] = fn(train, val, opts, split)
+        runs[kind] = handler.train(train, val, opts, split)
     return runs
 
 
@@ -80,9 +81,7 @@ def test_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         BuildOptions(
             out=out,
             calib=val,
-            vae=runs["vae"],
-            ssd=runs["ssd"],
-            classifier=runs["classifier"],
+            runs=dict(runs),
             dataset_summary=dataset_summary(dataset, train, val, test),
         )
     )

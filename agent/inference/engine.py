@@ -14,13 +14,14 @@ import numpy as np
 import onnxruntime as ort
 
 from lineside.agent.bundle.loader import LoadedBundle, load_bundle
-from lineside.agent.bundle.manifest import BundleManifest, ModelSpec, Preprocessing, SSDPost, Thresholds, VAEPost
+from lineside.agent.bundle.manifest import BundleManifest, ModelSpec
+from lineside.agent.bundle.schema import Preprocessing
 from lineside.agent.errors import BundleError, InferenceError
 from lineside.agent.imaging import read_image
-from lineside.agent.inference import postprocess as post
 from lineside.agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
 from lineside.agent.inference.providers import GPU_PROVIDERS, ProviderEntry, resolve_providers
 from lineside.agent.inference.types import Detection, ModelOutputs, Prediction
+from lineside.agent.models import MODEL_KINDS, KindThresholds, ModelKind, calibrated_score
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,11 @@ class _Runner:
             self._outputs[n] = bufs
         return bufs
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run on `batch`; returned arrays may be reused by the next call with the same batch size."""
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run on `batch`; outputs by their manifest names. The arrays may be reused by the next call."""
+        names = [o.name for o in self.spec.outputs]
         if not self.io_binding:
-            return self.session.run(None, {self._input_name: batch})
+            return dict(zip(names, self.session.run(names, {self._input_name: batch}), strict=True))
         bufs = self._output_buffers(batch.shape[0])
         binding = self.binding
         binding.clear_binding_inputs()
@@ -75,7 +77,7 @@ class _Runner:
         for out, buf in zip(self.spec.outputs, bufs, strict=True):
             binding.bind_output(out.name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return bufs
+        return dict(zip(names, bufs, strict=True))
 
 
 class InferenceEngine:
@@ -116,11 +118,9 @@ class InferenceEngine:
         if require_gpu and not GPU_PROVIDERS & set(in_use):
             raise InferenceError(f"require_gpu is set but the sessions run on {in_use}")
         self._builders: dict[Preprocessing, BatchBuilder] = {}
-        self._anchors: np.ndarray | None = None
-        ssd = self.manifest.models.get("ssd")
-        if ssd is not None:
-            assert isinstance(ssd.postprocessing, SSDPost)
-            self._anchors = np.load(bundle.path(ssd.postprocessing.anchors)).astype(np.float32)
+        self._kinds: dict[str, ModelKind] = {
+            kind: MODEL_KINDS[kind](spec, bundle) for kind, spec in self.manifest.models.items()
+        }
         self.warm_up()
 
     @classmethod
@@ -185,7 +185,7 @@ class InferenceEngine:
         return builder
 
     def analyze(self, image: np.ndarray, bits_stored: int | None = None) -> ModelOutputs:
-        """Run every model; threshold-free outputs (what calibration and evaluation sweep over)."""
+        """Run every model; threshold-free outputs per kind (what calibration and evaluation sweep over)."""
         if image.ndim != 2:
             raise InferenceError(f"expected a 2-D grey image, got shape {image.shape}")
         timings: dict[str, float] = {}
@@ -205,75 +205,48 @@ class InferenceEngine:
                 cached = batches[prep] = (self._builder(prep).build(unit, layout), layout, unit)
             return cached
 
-        results: dict[str, object] = {"height": h, "width": w}
+        outputs = {}
         pre_ms = 0.0
         for kind, runner in self._runners.items():
-            spec = runner.spec
             tp = time.perf_counter()
-            batch, layout, unit = batch_for(spec.preprocessing)
+            batch, layout, unit = batch_for(runner.spec.preprocessing)
             tr = time.perf_counter()
             pre_ms += (tr - tp) * 1000
             try:
-                outputs = runner.run(batch)
+                tensors = runner.run(batch)
             except Exception as err:
                 raise InferenceError(f"{kind} model failed on a {w}x{h} image: {err}") from err
             tq = time.perf_counter()
-            tile_hw = spec.preprocessing.input_size
-            if kind == "classifier":
-                probs = outputs[0]
-                results["classifier_score"] = float(probs[:, spec.postprocessing.positive_index].max())
-            elif kind == "vae":
-                assert isinstance(spec.postprocessing, VAEPost)
-                amap = post.vae_anomaly_map(unit, outputs[0], spec.postprocessing, layout, tile_hw)
-                results["vae_map"] = amap
-                results["vae_score"] = post.image_score_from_map(amap, spec.postprocessing.image_score_quantile)
-            elif kind == "ssd":
-                assert isinstance(spec.postprocessing, SSDPost) and self._anchors is not None
-                boxes, scores = post.ssd_detections(
-                    outputs[0], outputs[1], self._anchors, spec.postprocessing, layout, tile_hw
-                )
-                results["ssd_boxes"], results["ssd_scores"] = boxes, scores
+            outputs[kind] = self._kinds[kind].outputs(tensors, unit, layout)
             te = time.perf_counter()
             timings[kind] = (tq - tr) * 1000
             timings[f"{kind}_post"] = (te - tq) * 1000
         timings["preprocess"] = pre_ms
         timings["models_total"] = (time.perf_counter() - t0) * 1000
-        return ModelOutputs(timings_ms=timings, **results)  # type: ignore[arg-type]
+        return ModelOutputs(height=h, width=w, models=outputs, timings_ms=timings)
 
-    def decide(self, out: ModelOutputs, thresholds: Thresholds | None = None) -> Prediction:
-        """Apply thresholds and the decision rule to raw outputs."""
+    def thresholds(self) -> dict[str, KindThresholds]:
+        """The bundle's calibrated thresholds, per model kind."""
+        return {kind: spec.thresholds for kind, spec in self.manifest.models.items()}
+
+    def decide(self, out: ModelOutputs, thresholds: dict[str, KindThresholds] | None = None) -> Prediction:
+        """Apply thresholds (default: the bundle's) and the decision rule to raw outputs."""
         t0 = time.perf_counter()
-        th = thresholds or self.manifest.thresholds
+        th = {**self.thresholds(), **(thresholds or {})}
         rule = self.manifest.decision
-        scores: dict[str, float] = {}
-        calibrated: dict[str, float] = {}
-        if out.classifier_score is not None:
-            scores["classifier"] = out.classifier_score
-            calibrated["classifier"] = post.calibrated_score(out.classifier_score, th.classifier)
-        if "ssd" in self._runners:
-            top = float(out.ssd_scores.max()) if out.ssd_scores.size else 0.0
-            scores["ssd"] = top
-            calibrated["ssd"] = post.calibrated_score(top, th.ssd_image)
-        if out.vae_score is not None:
-            scores["vae"] = out.vae_score
-            calibrated["vae"] = post.calibrated_score(out.vae_score, th.vae_image)
+        scores = {kind: o.score for kind, o in out.models.items()}
+        calibrated = {kind: calibrated_score(score, th[kind].image) for kind, score in scores.items()}
         members = [k for k in rule.defective_if_any if k in calibrated]
         fired = tuple(k for k in members if calibrated[k] >= 0.5)
         score = max((calibrated[k] for k in members), default=0.0)
         boxes: list[Detection] = []
         if fired:
             # Boxes only for defective images: a verdict of "good" never comes with boxes.
-            if "ssd" in rule.report_boxes_from and out.ssd_scores.size:
-                keep = out.ssd_scores >= th.ssd_score
+            for kind in rule.report_boxes_from:
+                found, box_scores = self._kinds[kind].boxes(out.models[kind], th[kind])
                 boxes += [
-                    Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "ssd")
-                    for b, s in zip(out.ssd_boxes[keep], out.ssd_scores[keep], strict=True)
-                ]
-            if "vae" in rule.report_boxes_from and out.vae_map is not None:
-                vb, vs = post.vae_boxes(out.vae_map, th.vae_pixel, th.vae_min_area)
-                boxes += [
-                    Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), "vae")
-                    for b, s in zip(vb, vs, strict=True)
+                    Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), kind)
+                    for b, s in zip(found, box_scores, strict=True)
                 ]
         timings = dict(out.timings_ms)
         timings["decide"] = (time.perf_counter() - t0) * 1000

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lineside.agent.bundle.manifest import Preprocessing
+from lineside.agent.bundle.schema import Preprocessing
 from lineside.agent.imaging import to_unit_range
 
 

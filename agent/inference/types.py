@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-import numpy as np
+from lineside.agent.models.base import KindOutput
 
 
 @dataclass(frozen=True)
@@ -17,24 +16,16 @@ class Detection:
     x2: float
     y2: float
     score: float
-    source: Literal["ssd", "vae"]
+    source: str  # the model kind that produced it
 
 
 @dataclass(frozen=True)
 class ModelOutputs:
-    """Raw, threshold-free outputs of the models for one image (what calibration sweeps over).
-
-    `ssd_boxes` holds every detection above the bundle's score floor, after NMS;
-    `vae_map` is the anomaly map in original-image pixels (None without a VAE).
-    """
+    """Raw, threshold-free outputs of the bundle's models for one image, per model kind."""
 
     height: int
     width: int
-    classifier_score: float | None = None
-    vae_map: np.ndarray | None = None
-    vae_score: float | None = None
-    ssd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
-    ssd_scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    models: dict[str, KindOutput]
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 

@@ -158,12 +158,17 @@ def test_tensorrt_fp16_provider_matches_cpu_within_tolerance(test_bundle: Path, 
 def test_boxes_come_only_with_a_defective_verdict(engine: InferenceEngine, test_bundle: Path) -> None:
     # given thresholds so high that no model fires, and so low that every model fires
     outputs = engine.analyze(_golden_image(test_bundle))
-    never = engine.manifest.thresholds.model_copy(
-        update={"classifier": 2.0, "ssd_image": 2.0, "vae_image": 1e9, "ssd_score": 0.0, "vae_pixel": 0.0}
-    )
-    always = engine.manifest.thresholds.model_copy(
-        update={"classifier": 0.0, "ssd_image": 0.0, "vae_image": 0.0, "ssd_score": 0.0, "vae_pixel": 0.0}
-    )
+    bundle = engine.thresholds()
+    never = {
+        "classifier": bundle["classifier"].model_copy(update={"image": 2.0}),
+        "ssd": bundle["ssd"].model_copy(update={"image": 2.0, "box": 0.0}),
+        "vae": bundle["vae"].model_copy(update={"image": 1e9, "pixel": 0.0}),
+    }
+    always = {
+        "classifier": bundle["classifier"].model_copy(update={"image": 0.0}),
+        "ssd": bundle["ssd"].model_copy(update={"image": 0.0, "box": 0.0}),
+        "vae": bundle["vae"].model_copy(update={"image": 0.0, "pixel": 0.0}),
+    }
     # when the decision rule is applied
     quiet, loud = engine.decide(outputs, never), engine.decide(outputs, always)
     # then a good verdict carries no boxes, a defective one carries the localisers' boxes

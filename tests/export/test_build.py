@@ -76,7 +76,7 @@ def test_failed_build_leaves_no_bundle_behind(trained_runs: dict[str, Path], syn
     out = tmp_path / "out" / "bundle"
     # when the build runs, then it fails and leaves neither folder, archive nor temporary files
     with pytest.raises(Exception):  # noqa: B017 - MXNet raises its own error type for a bad file
-        build_bundle(BuildOptions(out=out, calib=open_dataset(synth_dir), classifier=broken))
+        build_bundle(BuildOptions(out=out, calib=open_dataset(synth_dir), runs={"classifier": broken}))
     assert not out.exists()
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -90,7 +90,9 @@ def test_build_refuses_to_overwrite_without_force(
     out = tmp_path / "bundle"
     out.mkdir()
     with pytest.raises(ExportError, match="already exists"):
-        build_bundle(BuildOptions(out=out, calib=open_dataset(synth_dir), classifier=trained_runs["classifier"]))
+        build_bundle(
+            BuildOptions(out=out, calib=open_dataset(synth_dir), runs={"classifier": trained_runs["classifier"]})
+        )
 
 
 def test_evaluate_cli_prints_the_study_table_and_writes_json(

@@ -1,17 +1,51 @@
-"""Model outputs -> image scores, anomaly maps and boxes in original pixels.
+"""SSD detector: raw heads in the graph, box decode and NMS here.
 
-The SSD box decode and NMS live here rather than in the ONNX graph: MXNet's exported detection head
-disagreed with MXNet itself, so the graph ends at the raw heads (see docs/ARCHITECTURE.md). The
-functions mirror GluonCV's NormalizedBoxCenterDecoder + MultiPerClassDecoder + box_nms.
+MXNet's exported detection head disagreed with MXNet itself, so the graph ends at the raw heads (see
+docs/ARCHITECTURE.md). The functions mirror GluonCV's NormalizedBoxCenterDecoder +
+MultiPerClassDecoder + box_nms; the build proves they agree with GluonCV on real tiles.
 """
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from lineside.agent.bundle.manifest import SSDPost, VAEPost
-from lineside.agent.inference.preprocess import Layout, scaled_unit
+import numpy as np
+from pydantic import Field
+
+from lineside.agent.bundle.schema import FileRef
+from lineside.agent.inference.preprocess import Layout
+from lineside.agent.models.base import NO_BOXES, NO_SCORES, KindOutput, KindPost, KindThresholds, ModelKind
+
+if TYPE_CHECKING:
+    from lineside.agent.bundle.loader import LoadedBundle
+    from lineside.agent.bundle.manifest import ModelSpec
+
+
+class SSDPost(KindPost):
+    """Decoding of the raw SSD heads, done outside the graph (see docs/ARCHITECTURE.md)."""
+
+    kind: Literal["ssd"] = "ssd"
+    anchors: FileRef = Field(description="float32 .npy of shape (A, 4), center form (cx, cy, w, h), pixels.")
+    box_stds: tuple[float, float, float, float] = Field(default=(0.1, 0.1, 0.2, 0.2))
+    nms_iou: float = Field(default=0.45, gt=0, le=1)
+    pre_nms_top_k: int = Field(default=400, gt=0)
+    max_detections: int = Field(default=100, gt=0)
+    score_floor: float = Field(default=0.01, ge=0, lt=1, description="Scores below are never kept.")
+
+
+class SSDThresholds(KindThresholds):
+    kind: Literal["ssd"] = "ssd"
+    image: float = Field(default=0.5, description="Best box score at or above which the SSD fires for the image.")
+    box: float = Field(default=0.5, description="Detection score at or above which a box is reported.")
+
+
+@dataclass(frozen=True)
+class SSDOutput(KindOutput):
+    """Every detection above the bundle's score floor, after NMS, in original pixels."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int, block: int = 64) -> np.ndarray:
@@ -102,7 +136,7 @@ def ssd_detections(
             all_boxes.append(boxes)
             all_scores.append(scores)
     if not all_boxes:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        return NO_BOXES, NO_SCORES
     boxes = np.concatenate(all_boxes)
     scores = np.concatenate(all_scores)
     if len(layout.origins) > 1:
@@ -111,68 +145,37 @@ def ssd_detections(
     return layout.to_original(boxes), scores
 
 
-def vae_anomaly_map(
-    unit: np.ndarray, recon: np.ndarray, post: VAEPost, layout: Layout, tile_hw: tuple[int, int]
-) -> np.ndarray:
-    """The study's anomaly map, in original pixels.
+class SSD(ModelKind):
+    name = "ssd"
+    output_names = ("class_probs", "box_deltas")
+    post_class = SSDPost
+    thresholds_class = SSDThresholds
+    localiser = True
 
-    squared reconstruction residual per tile -> stitched (max over overlaps, tile borders ignored)
-    -> L2-normalised over the image -> multiplied with the original for contrast
-    -> Gaussian smoothing.
-    """
-    scaled = scaled_unit(unit, layout)
-    sh, sw = scaled.shape
-    th, tw = tile_hw
-    residual = np.zeros((sh, sw), np.float32)
-    b = post.border
-    for i, (y, x) in enumerate(layout.origins):
-        ch, cw = min(th, sh - y), min(tw, sw - x)
-        diff = recon[i, 0, :ch, :cw] - scaled[y : y + ch, x : x + cw]
-        sq = diff * diff
-        # Ignore a tile's outer border: convolutions reconstruct worst there. Inside the image an
-        # overlapping tile covers it; at the image edge those few pixels are given up.
-        top, left, bottom, right = b, b, ch - b, cw - b
-        region = residual[y + top : y + bottom, x + left : x + right]
-        np.maximum(region, sq[top:bottom, left:right], out=region)
-    # L2 normalisation, scaled by sqrt(pixels) so the map's level does not depend on image size.
-    norm = float(np.sqrt(np.sum(residual.astype(np.float64) ** 2) / residual.size))
-    anomaly = residual / max(norm, 1e-12) * scaled
-    if post.blur_sigma > 0:
-        anomaly = cv2.GaussianBlur(anomaly, (0, 0), post.blur_sigma)
-    oh, ow = layout.original_shape
-    if (sh, sw) != (oh, ow):
-        anomaly = cv2.resize(anomaly, (ow, oh), interpolation=cv2.INTER_LINEAR)
-    return anomaly.astype(np.float32, copy=False)
+    def __init__(self, spec: ModelSpec, bundle: LoadedBundle) -> None:
+        super().__init__(spec, bundle)
+        assert isinstance(spec.postprocessing, SSDPost)
+        self.post = spec.postprocessing
+        self.anchors = np.load(bundle.path(self.post.anchors)).astype(np.float32)
 
+    @classmethod
+    def extra_files(cls, post: KindPost) -> list[FileRef]:
+        assert isinstance(post, SSDPost)
+        return [post.anchors]
 
-def image_score_from_map(anomaly: np.ndarray, quantile: float) -> float:
-    """A robust maximum of the anomaly map."""
-    if quantile >= 1.0:
-        return float(anomaly.max())
-    k = min(anomaly.size - 1, round(quantile * (anomaly.size - 1)))
-    return float(np.partition(anomaly.ravel(), k)[k])
+    def outputs(self, tensors: dict[str, np.ndarray], unit: np.ndarray, layout: Layout) -> SSDOutput:
+        boxes, scores = ssd_detections(
+            tensors["class_probs"],
+            tensors["box_deltas"],
+            self.anchors,
+            self.post,
+            layout,
+            self.spec.preprocessing.input_size,
+        )
+        return SSDOutput(score=float(scores.max()) if scores.size else 0.0, boxes=boxes, scores=scores)
 
-
-def vae_boxes(anomaly: np.ndarray, pixel_threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
-    """Binary mask -> connected components of at least `min_area` px -> (boxes, peak scores)."""
-    mask = (anomaly >= pixel_threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    boxes, scores = [], []
-    for label in range(1, count):
-        x, y, w, h, area = stats[label]
-        if area < min_area:
-            continue
-        boxes.append((x, y, x + w, y + h))
-        scores.append(float(anomaly[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label].max()))
-    if not boxes:
-        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-    return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
-
-
-def calibrated_score(score: float, threshold: float) -> float:
-    """Map a raw score to [0, 1] so that `threshold` lands on 0.5 (monotone, continuous)."""
-    if threshold <= 0:
-        return 1.0 if score >= threshold else 0.0
-    if score < threshold:
-        return max(0.0, 0.5 * score / threshold)
-    return 1.0 - 0.5 * threshold / score
+    @classmethod
+    def boxes(cls, out: KindOutput, thresholds: KindThresholds) -> tuple[np.ndarray, np.ndarray]:
+        assert isinstance(out, SSDOutput) and isinstance(thresholds, SSDThresholds)
+        keep = out.scores >= thresholds.box
+        return out.boxes[keep], out.scores[keep]

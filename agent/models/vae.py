@@ -1,0 +1,120 @@
+"""VAE anomaly localiser: the study's recipe on reconstruction residuals.
+
+squared residual per tile -> stitched (max over overlaps, tile borders ignored) -> L2-normalised over
+the image -> multiplied with the original for contrast -> Gaussian smoothing -> a high quantile is the
+image score; pixels above a level form connected components, which become boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from lineside.agent.inference.preprocess import Layout, scaled_unit
+from lineside.agent.models.base import KindOutput, KindPost, KindThresholds, ModelKind
+
+
+class VAEPost(KindPost):
+    """The study's localization: residual -> L2 normalisation -> x original -> threshold -> components."""
+
+    kind: Literal["vae"] = "vae"
+    blur_sigma: float = Field(default=2.0, ge=0, description="Gaussian smoothing of the anomaly map, px.")
+    border: int = Field(default=4, ge=0, description="Tile border (px) ignored when stitching maps.")
+    image_score_quantile: float = Field(
+        default=0.9995, gt=0, le=1, description="Quantile of the anomaly map used as the image score."
+    )
+
+
+class VAEThresholds(KindThresholds):
+    kind: Literal["vae"] = "vae"
+    image: float = Field(default=1.0, description="Image anomaly score at or above which the VAE fires.")
+    pixel: float = Field(default=1.0, description="Anomaly-map value marking a pixel anomalous.")
+    min_area: int = Field(default=16, ge=1, description="Smallest connected component kept as a box, px.")
+
+
+@dataclass(frozen=True)
+class VAEOutput(KindOutput):
+    """`anomaly_map` is in original-image pixels."""
+
+    anomaly_map: np.ndarray
+
+
+def vae_anomaly_map(
+    unit: np.ndarray, recon: np.ndarray, post: VAEPost, layout: Layout, tile_hw: tuple[int, int]
+) -> np.ndarray:
+    """The study's anomaly map, in original pixels.
+
+    squared reconstruction residual per tile -> stitched (max over overlaps, tile borders ignored)
+    -> L2-normalised over the image -> multiplied with the original for contrast
+    -> Gaussian smoothing.
+    """
+    scaled = scaled_unit(unit, layout)
+    sh, sw = scaled.shape
+    th, tw = tile_hw
+    residual = np.zeros((sh, sw), np.float32)
+    b = post.border
+    for i, (y, x) in enumerate(layout.origins):
+        ch, cw = min(th, sh - y), min(tw, sw - x)
+        diff = recon[i, 0, :ch, :cw] - scaled[y : y + ch, x : x + cw]
+        sq = diff * diff
+        # Ignore a tile's outer border: convolutions reconstruct worst there. Inside the image an
+        # overlapping tile covers it; at the image edge those few pixels are given up.
+        top, left, bottom, right = b, b, ch - b, cw - b
+        region = residual[y + top : y + bottom, x + left : x + right]
+        np.maximum(region, sq[top:bottom, left:right], out=region)
+    # L2 normalisation, scaled by sqrt(pixels) so the map's level does not depend on image size.
+    norm = float(np.sqrt(np.sum(residual.astype(np.float64) ** 2) / residual.size))
+    anomaly = residual / max(norm, 1e-12) * scaled
+    if post.blur_sigma > 0:
+        anomaly = cv2.GaussianBlur(anomaly, (0, 0), post.blur_sigma)
+    oh, ow = layout.original_shape
+    if (sh, sw) != (oh, ow):
+        anomaly = cv2.resize(anomaly, (ow, oh), interpolation=cv2.INTER_LINEAR)
+    return anomaly.astype(np.float32, copy=False)
+
+
+def image_score_from_map(anomaly: np.ndarray, quantile: float) -> float:
+    """A robust maximum of the anomaly map."""
+    if quantile >= 1.0:
+        return float(anomaly.max())
+    k = min(anomaly.size - 1, round(quantile * (anomaly.size - 1)))
+    return float(np.partition(anomaly.ravel(), k)[k])
+
+
+def vae_boxes(anomaly: np.ndarray, pixel_threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """Binary mask -> connected components of at least `min_area` px -> (boxes, peak scores)."""
+    mask = (anomaly >= pixel_threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    boxes, scores = [], []
+    for label in range(1, count):
+        x, y, w, h, area = stats[label]
+        if area < min_area:
+            continue
+        boxes.append((x, y, x + w, y + h))
+        scores.append(float(anomaly[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label].max()))
+    if not boxes:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
+
+
+class VAE(ModelKind):
+    name = "vae"
+    output_names = ("reconstruction",)
+    post_class = VAEPost
+    thresholds_class = VAEThresholds
+    localiser = True
+
+    def outputs(self, tensors: dict[str, np.ndarray], unit: np.ndarray, layout: Layout) -> VAEOutput:
+        post = self.spec.postprocessing
+        assert isinstance(post, VAEPost)
+        amap = vae_anomaly_map(unit, tensors["reconstruction"], post, layout, self.spec.preprocessing.input_size)
+        return VAEOutput(score=image_score_from_map(amap, post.image_score_quantile), anomaly_map=amap)
+
+    @classmethod
+    def boxes(cls, out: KindOutput, thresholds: KindThresholds) -> tuple[np.ndarray, np.ndarray]:
+        assert isinstance(out, VAEOutput) and isinstance(thresholds, VAEThresholds)
+        return vae_boxes(out.anomaly_map, thresholds.pixel, thresholds.min_area)

@@ -1,0 +1,1 @@
+"""The tile classifier: Gluon network (network.py) and its model kind (kind.py)."""

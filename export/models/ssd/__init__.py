@@ -1,0 +1,1 @@
+"""The SSD detector: Gluon networks and presets (network.py) and its model kind (kind.py)."""
