@@ -90,7 +90,7 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             pixels = int(np.prod(page.shape[:2]))
             if pixels > max_pixels:
                 raise ImageDecodeError(
-                    "too_large", f"{name}: image of {page.shape} has {pixels} pixels, limit is {max_pixels}"
+                    "too_large", f"{name}: image of {page.shape} ({pixels} pixels) exceeds the limit of {max_pixels}"
                 )
             return np.asarray(page.asarray())
     except ImageDecodeError:

@@ -34,9 +34,11 @@ from lineside.agent.errors import ExportError
 from lineside.agent.imaging import read_image
 from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
+from lineside.agent.inference.types import ModelOutputs
+from lineside.agent.models import MODEL_KINDS
 from lineside.export.calibrate import calibrate
 from lineside.export.data.base import Dataset, Sample
-from lineside.export.models import EXPORT_KINDS, ExportKind
+from lineside.export.models import EXPORT_KINDS
 from lineside.export.onnx_export import check_parity, export_block
 from lineside.export.train import read_run
 
@@ -89,7 +91,7 @@ def _real_batches(samples: list[Sample], prep: Preprocessing) -> list[np.ndarray
     return out
 
 
-def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> tuple[ModelSpec, ExportKind]:
+def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> tuple[ModelSpec, mx.gluon.HybridBlock]:
     """Export one run to ONNX, prove parity on real calibration tiles, and describe it for the manifest.
 
     Its thresholds are placeholders until `calibrate` has run on the exported model."""
@@ -119,25 +121,68 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> tuple
         training=record.training,
         parity=parity,
     )
-    return spec, handler
+    return spec, view
 
 
-def _golden(tmp: Path, engine: InferenceEngine, seed: int = 7) -> list[GoldenImage]:
-    """A few synthetic radiographs (never GDXray: its terms forbid redistribution) with expected outputs."""
+def reference_outputs(views: dict[str, mx.gluon.HybridBlock], bundle: LoadedBundle, image: np.ndarray) -> ModelOutputs:
+    """What the trained Gluon models (the reference, not ONNX Runtime) say about an image, post-processed
+    exactly as the device does it."""
+    h, w = image.shape
+    models = {}
+    for kind, view in views.items():
+        spec = bundle.manifest.models[kind]
+        prep = spec.preprocessing
+        unit = windowed(image, prep)
+        layout = layout_for(image.shape, prep)
+        outputs = view(mx.nd.array(BatchBuilder(prep).build(unit, layout)))
+        outputs = [outputs] if isinstance(outputs, mx.nd.NDArray) else list(outputs)
+        tensors = {o.name: a.asnumpy() for o, a in zip(spec.outputs, outputs, strict=True)}
+        models[kind] = MODEL_KINDS[kind](spec, bundle).outputs(tensors, unit, layout)
+    return ModelOutputs(height=h, width=w, models=models)
+
+
+GOLDEN_CANDIDATES = 8
+GOLDEN_PER_VERDICT = 2
+
+
+def _golden(
+    tmp: Path, engine: InferenceEngine, views: dict[str, mx.gluon.HybridBlock], seed: int = 7
+) -> list[GoldenImage]:
+    """Synthetic radiographs (never GDXray: its terms forbid redistribution) with the outputs the trained
+    Gluon models give for them, so the device proves its ONNX models against the reference.
+
+    Up to GOLDEN_PER_VERDICT images of each verdict are kept (normal ones first), so a bundle checks a
+    normal verdict too whenever its models call any candidate normal.
+    """
     from lineside.export.synth import generate
 
     golden_dir = tmp / "golden"
+    golden_dir.mkdir()
+    found: dict[bool, list[tuple[float, Path, ModelOutputs]]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="lineside-golden-") as work:
-        generate(Path(work), images=3, seed=seed, size=(286, 384), defect_free_share=0.34, images_per_series=3)
-        golden_dir.mkdir()
+        generate(Path(work), images=GOLDEN_CANDIDATES, seed=seed, size=(286, 384), defect_free_share=0.5,
+                 images_per_series=GOLDEN_CANDIDATES)  # fmt: skip
         for png in sorted(Path(work).rglob("*.png")):
-            shutil.copy2(png, golden_dir / png.name)
+            reference = reference_outputs(views, engine.bundle, read_image(png))
+            verdict = engine.decide(reference)
+            target = golden_dir / png.name
+            shutil.copy2(png, target)
+            found[verdict.is_defective].append((abs(verdict.score - 0.5), target, reference))
+        # The clearest verdicts of each kind; the others are not shipped.
+        picked: dict[bool, list[tuple[Path, ModelOutputs]]] = {}
+        for verdict, items in found.items():
+            items.sort(key=lambda item: -item[0])
+            picked[verdict] = [(path, ref) for _, path, ref in items[:GOLDEN_PER_VERDICT]]
+            for _, path, _ in items[GOLDEN_PER_VERDICT:]:
+                path.unlink()
+    if not picked[False]:
+        logger.warning("golden images: the models call none of %d synthetic candidates normal", GOLDEN_CANDIDATES)
     out = []
-    for png in sorted(golden_dir.glob("*.png")):
-        prediction = engine.predict(read_image(png))
+    for path, reference in [*picked[False], *picked[True]]:
+        prediction = engine.decide(reference)
         out.append(
             GoldenImage(
-                file=_file_ref(tmp, png),
+                file=_file_ref(tmp, path),
                 expected_scores=prediction.model_scores,
                 expected_is_defective=prediction.is_defective,
                 expected_boxes=len(prediction.boxes),
@@ -181,7 +226,9 @@ def build_bundle(opts: BuildOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        models = {kind: _export_model(kind, run, tmp, calib)[0] for kind, run in runs.items()}
+        exported = {kind: _export_model(kind, run, tmp, calib) for kind, run in runs.items()}
+        models = {kind: spec for kind, (spec, _) in exported.items()}
+        views = {kind: view for kind, (_, view) in exported.items()}
         kinds = list(models)
         draft = BundleManifest(
             bundle_id=str(uuid.uuid4()),
@@ -200,7 +247,7 @@ def build_bundle(opts: BuildOptions) -> Path:
         calibrated = {k: spec.model_copy(update={"thresholds": thresholds[k]}) for k, spec in models.items()}
         manifest = draft.model_copy(update={"models": calibrated, "decision": rule, "calibration": figures})
         engine = InferenceEngine(LoadedBundle(tmp, manifest), providers=["cpu"])
-        manifest = manifest.model_copy(update={"golden": _golden(tmp, engine)})
+        manifest = manifest.model_copy(update={"golden": _golden(tmp, engine, views)})
         manifest = BundleManifest.model_validate(manifest.model_dump())  # re-run every validator
         manifest.dump(tmp)
         verify_files(tmp, manifest)

@@ -128,3 +128,48 @@ def s3_endpoint(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         yield s3_server
     finally:
         reset_s3_client()
+
+
+# -- decompression bombs: valid, fully compressed images beyond the default pixel limit ---------------
+
+BOMB_SIDE = 10_000  # 100 M pixels > DEFAULT_MAX_PIXELS (64 M)
+
+
+def _png_bomb() -> bytes:
+    """A valid 8-bit grey PNG of 10000 x 10000 black pixels (~100 KB), compressed row by row."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (BOMB_SIDE + 1)  # filter byte + pixels
+    data = b"".join(compressor.compress(row) for _ in range(BOMB_SIDE)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def _array_bomb(suffix: str) -> bytes:
+    import io
+
+    import cv2
+    import numpy as np
+    import tifffile
+
+    image = np.zeros((9000, 8000), np.uint8)  # 72 M pixels
+    if suffix == ".tif":
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, image, compression="zlib")
+        return buffer.getvalue()
+    ok, encoded = cv2.imencode(suffix, image, [cv2.IMWRITE_JPEG_QUALITY, 10])
+    assert ok
+    return encoded.tobytes()
+
+
+@pytest.fixture(scope="session")
+def bombs() -> dict[str, bytes]:
+    """Real decompression bombs by format: {'png', 'jpeg', 'tiff'} -> bytes (each well under 1 MB)."""
+    found = {"png": _png_bomb(), "jpeg": _array_bomb(".jpg"), "tiff": _array_bomb(".tif")}
+    assert all(len(data) < 1_000_000 for data in found.values()), {k: len(v) for k, v in found.items()}
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -43,18 +44,29 @@ def test_load_reports_the_providers_actually_used(engine: InferenceEngine) -> No
     assert engine.providers_in_use == ["CPUExecutionProvider"]
 
 
+def _loud(engine: InferenceEngine) -> dict:
+    """Thresholds at which every model fires and every candidate box is reported."""
+    bundle = engine.thresholds()
+    return {
+        "classifier": bundle["classifier"].model_copy(update={"image": 0.0}),
+        "ssd": bundle["ssd"].model_copy(update={"image": 0.0, "box": 0.0}),
+        "vae": bundle["vae"].model_copy(update={"image": 0.0, "pixel": 0.0}),
+    }
+
+
 def test_prediction_boxes_lie_in_original_pixels(engine: InferenceEngine, test_bundle: Path) -> None:
     # given a golden image (not a multiple of the tile size)
     image = _golden_image(test_bundle)
     h, w = image.shape
-    # when inspected
+    # when inspected with the bundle's thresholds, and with every candidate box reported
     prediction = engine.predict(image)
-    # then the verdict agrees with the calibrated score and every box lies inside the image
+    loud = engine.decide(engine.analyze(image), _loud(engine))
+    # then the verdict agrees with the calibrated score and every box (there are some) lies inside the image
     assert prediction.is_defective == (prediction.score >= 0.5)
     assert set(prediction.model_scores) == {"classifier", "vae", "ssd"}
-    for box in prediction.boxes:
+    assert loud.boxes and {box.source for box in loud.boxes} <= set(engine.manifest.decision.report_boxes_from)
+    for box in loud.boxes:
         assert 0 <= box.x1 < box.x2 <= w and 0 <= box.y1 < box.y2 <= h
-        assert box.source in ("ssd", "vae")
     assert prediction.timings_ms["ssd"] > 0
 
 
@@ -164,11 +176,7 @@ def test_boxes_come_only_with_a_defective_verdict(engine: InferenceEngine, test_
         "ssd": bundle["ssd"].model_copy(update={"image": 2.0, "box": 0.0}),
         "vae": bundle["vae"].model_copy(update={"image": 1e9, "pixel": 0.0}),
     }
-    always = {
-        "classifier": bundle["classifier"].model_copy(update={"image": 0.0}),
-        "ssd": bundle["ssd"].model_copy(update={"image": 0.0, "box": 0.0}),
-        "vae": bundle["vae"].model_copy(update={"image": 0.0, "pixel": 0.0}),
-    }
+    always = _loud(engine)
     # when the decision rule is applied
     quiet, loud = engine.decide(outputs, never), engine.decide(outputs, always)
     # then a good verdict carries no boxes, a defective one carries the localisers' boxes
@@ -257,3 +265,26 @@ def test_an_unreadable_manifest_is_a_clear_error_naming_it(test_bundle: Path, mo
     # when / then
     with pytest.raises(BundleError, match=r"manifest\.json: cannot read the manifest \(Permission denied\)"):
         InferenceEngine.load(test_bundle, providers=["cpu"])
+
+
+def test_a_tampered_golden_image_is_refused_naming_it(test_bundle: Path, tmp_path: Path) -> None:
+    # given a copy whose first golden image lost its last byte
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    golden = BundleManifest.read(copy).golden[0].file.path
+    (copy / golden).write_bytes((copy / golden).read_bytes()[:-1])
+
+    # when / then: refused by checksum before any image is run
+    with pytest.raises(BundleError, match=re.escape(f"{golden}: sha256 is")):
+        InferenceEngine.load(copy, providers=["cpu"])
+
+
+def test_a_missing_anchors_file_is_refused_naming_it(test_bundle: Path, tmp_path: Path) -> None:
+    # given a folder copy without the SSD anchors
+    copy = tmp_path / "b"
+    shutil.copytree(test_bundle, copy)
+    (copy / "ssd_anchors.npy").unlink()
+
+    # when / then
+    with pytest.raises(BundleError, match=r"ssd_anchors\.npy: missing"):
+        InferenceEngine.load(copy, providers=["cpu"])

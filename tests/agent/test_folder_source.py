@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -431,3 +434,102 @@ def test_results_of_one_file_at_two_stations_have_different_ids(hot: Path, put_p
 
     # then
     assert ids[0] != ids[1]
+
+
+KILLED_AFTER_ACK = """
+import os, signal, sys, threading
+from pathlib import Path
+from lineside.agent.sources import FolderSourceConfig, create_source
+from lineside.agent.sources import folder
+
+hot = Path(sys.argv[1])
+append = folder.Ledger.append
+
+def append_then_die(self, entry):
+    append(self, entry)
+    os.kill(os.getpid(), signal.SIGKILL)  # power cut right after the acknowledgement was recorded
+
+folder.Ledger.append = append_then_die
+source = create_source(FolderSourceConfig(kind="folder", path=hot, settle_seconds=0, poll_interval=0.02))
+source.start(threading.Event())
+frame = next(source.frames())
+print(frame.result_id, flush=True)
+source.ack(frame, ok=frame.error is None, reason=frame.error)
+"""
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["inspected", "failed"])
+def test_an_ack_recorded_just_before_a_kill_is_finished_by_the_next_process(
+    hot: Path, put_png: Callable[..., Path], good: bool
+) -> None:
+    # given a process killed (SIGKILL) right after recording its acknowledgement, before any move
+    if good:
+        put_png(hot / "part.png")
+    else:
+        (hot / "part.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_ACK, str(hot)], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    result_id = child.stdout.strip()
+    assert (hot / "part.png").exists()
+
+    # when a fresh process opens the same folders
+    restarted = make_source(hot)
+    runner = Runner(restarted)
+    try:
+        quiet = runner.nothing_within(0.3)
+    finally:
+        runner.close()
+
+    # then the ledger entry survived the kill: the file is finished where it belongs, not inspected again
+    assert quiet
+    assert restarted.snapshot()["recovered"] == 1
+    assert not (hot / "part.png").exists()
+    if good:
+        assert (restarted.done_dir / "part.png").exists()
+        assert not restarted.failed_dir.exists() or not any(restarted.failed_dir.iterdir())
+    else:
+        # a failed file keeps its place in failed/ and its error record
+        assert (restarted.failed_dir / "part.png").exists()
+        report = json.loads((restarted.failed_dir / "part.png.error.json").read_text())
+        assert report["code"] == "decode_failed" and report["result_id"] == result_id
+        assert not any(restarted.done_dir.iterdir())
+
+
+def test_the_ledger_entry_is_fsynced_before_the_file_moves(
+    hot: Path, put_png: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a recorder of fsyncs and moves, in the order they happen (a kill test cannot see a missing
+    # fsync: only a power cut loses what the kernel already holds)
+    from lineside.agent.sources import folder
+
+    order: list[str] = []
+    real_fsync, real_move = os.fsync, folder.shutil.move
+
+    def fsync(fd: int) -> None:
+        order.append(f"fsync:{os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fsync(fd)
+
+    def move(src: object, dst: object) -> object:
+        order.append("move")
+        return real_move(src, dst)
+
+    monkeypatch.setattr(folder.os, "fsync", fsync)
+    monkeypatch.setattr(folder.shutil, "move", move)
+    put_png(hot / "a.png")
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        (frame,) = runner.take(1)
+        order.clear()
+
+        # when
+        source.ack(frame, ok=True)
+    finally:
+        runner.close()
+
+    # then the ledger file was synced before the move
+    ledger = str((source.state_dir / LEDGER_NAME).resolve())
+    assert f"fsync:{ledger}" in order
+    assert order.index(f"fsync:{ledger}") < order.index("move")

@@ -105,3 +105,17 @@ def test_images_within_the_limit_decode_to_their_size(suffix: str) -> None:
     # then
     assert decoded.shape == (40, 60) and decoded.dtype == np.uint8
     assert decoded[15, 20] > 150
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "tiff"])
+def test_a_real_bomb_is_refused_at_the_default_limit_without_decoding(
+    kind: str, bombs: dict[str, bytes], no_decoding: list[str]
+) -> None:
+    # given a valid image of 72-100 M pixels compressed into well under a megabyte
+    data = bombs[kind]
+
+    # when / then: refused as too large from its header, not a pixel decoded
+    with pytest.raises(ImageDecodeError, match="exceeds") as caught:
+        decode_image(data, f"bomb.{kind}")
+    assert caught.value.code == "too_large"
+    assert no_decoding == []

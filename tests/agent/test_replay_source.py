@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,17 +70,17 @@ def test_each_image_is_decoded_once_and_shared_read_only(recorded: Path) -> None
 
 
 def test_rate_limits_the_pace(recorded: Path) -> None:
-    # given: 4 frames at 20 Hz take about 3 intervals
+    # given 4 frames at 20 Hz
     source = start(ReplaySourceConfig(kind="replay", path=recorded, loop=True, max_frames=4, rate_hz=20))
 
     # when
-    started = time.monotonic()
     frames = list(source.frames())
-    elapsed = time.monotonic() - started
 
-    # then
+    # then no frame came sooner than its slot: the first at once, the others at least 50 ms apart
+    # (how much later a loaded machine delivers them is not this test's business)
     assert len(frames) == 4
-    assert 0.14 <= elapsed < 2.0
+    gaps = np.diff([f.captured_mono for f in frames])
+    assert all(gap >= 0.05 - 0.002 for gap in gaps), gaps
 
 
 def test_stop_event_ends_an_endless_replay(recorded: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -124,13 +123,9 @@ def test_16_bit_output_decodes_as_uint16_and_spans_the_full_range(tmp_path: Path
     assert unit_diff.max() <= 1.0 / 255 + 1e-6
 
 
-def test_default_size_images_look_like_gdxray_radiographs_and_are_fast(tmp_path: Path) -> None:
-    # given
-    start = time.perf_counter()
-
+def test_default_size_images_look_like_gdxray_radiographs(tmp_path: Path) -> None:
     # when two parts (a wheel and a knuckle series) are rendered at GDXray's size
     generate(tmp_path, 4, seed=21, images_per_series=2)
-    seconds = time.perf_counter() - start
 
     # then: dark corners outside the intensifier's field, bright open background, grey metal
     for name in ("S0001/S0001_0001.png", "S0002/S0002_0001.png"):
@@ -140,7 +135,6 @@ def test_default_size_images_look_like_gdxray_radiographs_and_are_fast(tmp_path:
         centre = image[143:429, 192:576]
         assert 40 < np.median(centre) < 235
         assert centre.std() > 8  # structure, not a flat field
-    assert seconds < 4 * 0.5  # about 0.05 s per image here; generous for slow CI machines
 
 
 def test_rerun_into_own_folder_replaces_old_series_but_foreign_folders_are_refused(tmp_path: Path) -> None:

@@ -11,11 +11,9 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,18 +134,6 @@ def pngs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.png"))
 
 
-def png_bomb() -> bytes:
-    """A PNG whose header claims 100000 x 100000 pixels (10 G): must be refused before decoding."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
 def encode_png(image: np.ndarray) -> bytes:
     ok, encoded = cv2.imencode(".png", image)
     assert ok
@@ -219,7 +205,7 @@ def assert_good(result: InspectionResult, image_path: Path, manifest: BundleMani
 
 
 def test_inspect_writes_one_result_per_file_and_flags_every_bad_one(
-    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path]
+    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path], bombs: dict[str, bytes]
 ) -> None:
     # given good images (synthetic, a golden one, a 16-bit one) and bad ones of every kind
     inputs = tmp_path / "in"
@@ -231,7 +217,7 @@ def test_inspect_writes_one_result_per_file_and_flags_every_bad_one(
     (inputs / "empty.png").write_bytes(b"")
     (inputs / "truncated.png").write_bytes(whole[: len(whole) // 2])
     (inputs / "notes.txt").write_text("operator notes, not an image\n", encoding="utf-8")
-    (inputs / "bomb.png").write_bytes(png_bomb())
+    (inputs / "bomb.png").write_bytes(bombs["jpeg"])  # a JPEG bomb named .png
     (inputs / "colour.png").write_bytes(encode_png(np.dstack([grey, 255 - grey, grey // 2])))
     good = {"a.png": images[0], "b.png": images[1], "golden.png": golden, "sixteen.png": images[0]}
     for name in ("a.png", "b.png", "golden.png"):
@@ -304,7 +290,12 @@ def test_inspect_with_default_providers_keeps_stdout_for_results_only(
 
 
 def test_run_inspects_a_hot_folder_once_per_file_and_outlives_bad_files(
-    tmp_path: Path, test_bundle: Path, manifest: BundleManifest, images: list[Path], daemons: Callable
+    tmp_path: Path,
+    test_bundle: Path,
+    manifest: BundleManifest,
+    images: list[Path],
+    daemons: Callable,
+    bombs: dict[str, bytes],
 ) -> None:
     # given bad files already waiting in the hot folder (oldest first, so they are met first)
     config = write_config(tmp_path, test_bundle, settle_seconds=1.5, annotate=True)
@@ -313,7 +304,7 @@ def test_run_inspects_a_hot_folder_once_per_file_and_outlives_bad_files(
     (hot / "E1_v1.png").write_bytes(b"")
     (hot / "T1_v1.png").write_bytes(images[0].read_bytes()[:3000])
     (hot / "X1_v1.png").write_text("not an image\n", encoding="utf-8")
-    (hot / "B1_v1.png").write_bytes(png_bomb())
+    (hot / "B1_v1.png").write_bytes(bombs["png"])
     shutil.copy(images[1], hot / "P1_v1.png")
     for age, name in enumerate(sorted(bad)):
         os.utime(hot / name, (time.time() - 100 + age,) * 2)
