@@ -6,11 +6,12 @@ VENV := .venv
 AGENT_VENV := .venv-agent
 DEMO_OUT ?= demo-out
 
-.PHONY: help venv agent-venv demo test lint fmt clean
+.PHONY: help venv agent-venv demo test lint fmt clean mutation
 
 help:
 	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
 	@echo "make test   - lint + the whole test suite (creates .venv and .venv-agent)"
+	@echo "make mutation - mutation testing of the promise-keeping modules (long; see docs/testing.md)"
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,13 @@ test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
 		$(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \
 		$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent tests/integration
+
+# Mutants are written into the source files while it runs: leave the tree alone until it is done.
+MUTATE ?=
+mutation: $(VENV)/.stamp $(AGENT_VENV)/.stamp
+	$(VENV)/bin/pip install -q -e '.[export,agent,dev,mutation]'
+	test -f $(TEST_BUNDLE)/manifest.json || $(MAKE) test
+	$(VENV)/bin/python tests/mutation/run.py $(MUTATE)
 
 clean:
 	rm -rf $(VENV) $(AGENT_VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

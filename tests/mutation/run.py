@@ -51,7 +51,7 @@ def _config(module: str, python: Path, tests: list[str], timeout: float) -> str:
         module-path = "{module}"
         timeout = {timeout}
         excluded-modules = []
-        test-command = "{python} {PYTEST} {' '.join(tests)}"
+        test-command = "{python} {PYTEST} {" ".join(tests)}"
 
         [cosmic-ray.distributor]
         name = "local"
@@ -103,9 +103,8 @@ def run_module(module: str, timeout: float) -> tuple[dict[str, int], list[str]]:
             counts["survived"] += 1
             mutation = item["mutations"][0]
             diff = result.get("diff") or ""
-            survivors.append(
-                f"### {module}:{mutation['start_pos'][0]} `{mutation['operator_name']}`\n\n```diff\n{diff.strip()}\n```\n"
-            )
+            where = f"{module}:{mutation['start_pos'][0]} `{mutation['operator_name']}`"
+            survivors.append(f"### {where}\n\n```diff\n{diff.strip()}\n```\n")
         else:
             counts["incompetent"] += 1
     total = counts["killed"] + counts["survived"]
