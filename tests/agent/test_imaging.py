@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import tifffile
 
 from lineside.agent.errors import ImageDecodeError
-from lineside.agent.imaging import decode_image, header_size, image_format
+from lineside.agent.imaging import decode_image, header_size, image_format, read_image, to_unit_range
 
 
 def _encode(suffix: str, image: np.ndarray) -> bytes:
@@ -119,3 +120,178 @@ def test_a_real_bomb_is_refused_at_the_default_limit_without_decoding(
         decode_image(data, f"bomb.{kind}")
     assert caught.value.code == "too_large"
     assert no_decoding == []
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _jpeg_header(sof: int, width: int = 640, height: int = 480, *, prefix: bytes = b"") -> bytes:
+    """SOI, an APP0 and a DHT segment, then a frame header with marker `sof`: a JPEG's head, no pixels."""
+    frame = bytes([8]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
+    return (
+        b"\xff\xd8" + prefix + _segment(0xE0, b"JFIF\0" + bytes(9)) + _segment(0xC4, bytes(20)) + _segment(sof, frame)
+    )
+
+
+@pytest.mark.parametrize("marker", range(0xC0, 0xD0))
+def test_every_jpeg_frame_header_kind_gives_the_size_and_tables_do_not(marker: int) -> None:
+    # given a JPEG head whose frame marker is one of 0xC0-0xCF
+    data = _jpeg_header(marker, 1234, 567)
+
+    # when / then: frame headers (all but DHT, JPG and DAC) carry the size; the others are skipped over
+    expected = None if marker in (0xC4, 0xC8, 0xCC) else (1234, 567)
+    assert header_size(data) == expected
+
+
+def test_fill_bytes_and_restart_markers_are_walked_over() -> None:
+    # given fill bytes and stand-alone markers (TEM, RST0) before the segments
+    data = _jpeg_header(0xC2, 300, 200, prefix=b"\xff\xff\xff\x01\xff\xd0")
+
+    # when / then
+    assert header_size(data) == (300, 200)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"\xff\xd8\x00\x00\x00\x00\x00\x00", "no marker where a segment starts"),
+        (b"\xff\xd8\xff\xd9\x00\x00", "end of image before a frame header"),
+        (b"\xff\xd8\xff\xda\x00\x08", "scan before a frame header"),
+        (b"\xff\xd8\xff\xe0\x00\x01\x00\x00", "a segment length below 2"),
+        (b"\xff\xd8\xff\xc0\x00\x11\x08\x01", "a frame header cut short"),
+    ],
+)
+def test_a_jpeg_head_without_a_usable_size_is_none(data: bytes, why: str) -> None:
+    assert header_size(data) is None, why
+
+
+def test_a_jpeg_of_height_zero_is_refused() -> None:
+    # given a frame header that leaves the height to a later DNL marker
+    data = _jpeg_header(0xC0, 640, 0)
+
+    # when / then
+    assert header_size(data) is None
+    with pytest.raises(ImageDecodeError, match="header without an image size"):
+        decode_image(data + b"\xff\xd9", "dnl.jpg")
+
+
+@pytest.mark.parametrize("magic", [b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"])
+def test_every_tiff_byte_order_and_bigtiff_is_recognised(magic: bytes) -> None:
+    assert image_format(magic + bytes(12)) == "tiff"
+
+
+def test_magic_bytes_decide_the_format() -> None:
+    assert image_format(b"\x89PNG\r\n\x1a\n" + bytes(16)) == "png"
+    assert image_format(b"\xff\xd8\xff\xe0") == "jpeg"
+    assert image_format(b"\xff\xd8\xfe\x00") is None  # SOI without a marker after it
+    assert image_format(b"GIF89a") is None
+
+
+def test_the_pixel_limit_is_inclusive() -> None:
+    # given a 50 x 40 image: exactly 2000 pixels
+    data = _encode(".png", np.zeros((40, 50), np.uint8))
+
+    # when / then: at the limit it decodes, one pixel below it is refused
+    assert decode_image(data, "limit.png", max_pixels=2000).shape == (40, 50)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, "limit.png", max_pixels=1999)
+    assert caught.value.code == "too_large"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_the_limit_holds_for_sixteen_bit_images_too(suffix: str) -> None:
+    data = _encode(suffix, np.zeros((40, 50), np.uint16))
+    assert decode_image(data, "x", max_pixels=2000).dtype == np.uint16
+    with pytest.raises(ImageDecodeError, match="exceeds"):
+        decode_image(data, "x", max_pixels=1999)
+
+
+def test_an_empty_file_is_refused_as_empty() -> None:
+    with pytest.raises(ImageDecodeError, match="0 bytes") as caught:
+        decode_image(b"", "empty.png")
+    assert caught.value.code == "empty"
+
+
+def test_a_png_header_without_ihdr_is_refused() -> None:
+    with pytest.raises(ImageDecodeError, match="PNG header without an image size") as caught:
+        decode_image(b"\x89PNG\r\n\x1a\n" + bytes(8), "short.png")
+    assert caught.value.code == "decode_failed"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_truncated_image_is_refused_as_undecodable(suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    whole = _encode(suffix, rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(whole[: len(whole) // 3], f"cut{suffix}")
+    assert caught.value.code == "decode_failed"
+
+
+def test_a_corrupt_tiff_is_refused_naming_it() -> None:
+    with pytest.raises(ImageDecodeError, match=r"bad\.tif: not a readable TIFF") as caught:
+        decode_image(b"II*\x00" + b"\xff" * 40, "bad.tif")
+    assert caught.value.code == "decode_failed"
+
+
+def test_a_grey_image_saved_as_colour_is_accepted_as_grey() -> None:
+    # given grey pixels stored as BGR and as BGRA
+    grey = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+    for image in (np.dstack([grey] * 3), np.dstack([grey] * 3 + [np.full_like(grey, 255)])):
+        # when / then
+        decoded = decode_image(_encode(".png", image), "grey-rgb.png")
+        assert decoded.ndim == 2 and np.array_equal(decoded, grey)
+
+
+@pytest.mark.parametrize("channel", [1, 2])
+def test_a_real_colour_image_is_refused(channel: int) -> None:
+    # given an image whose second or third channel differs from the first
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., channel] = 90
+    with pytest.raises(ImageDecodeError, match="3 distinct colour channels") as caught:
+        decode_image(_encode(".png", image), "colour.png")
+    assert caught.value.code == "bad_channels"
+
+
+def test_a_two_channel_tiff_is_refused() -> None:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((32, 32, 2), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ImageDecodeError, match="expected 1 channel, found 2") as caught:
+        decode_image(buffer.getvalue(), "two.tif")
+    assert caught.value.code == "bad_channels"
+
+
+def test_a_single_channel_stored_in_three_dimensions_is_accepted() -> None:
+    assert decode_image(_encode(".tif", np.zeros((32, 32, 1), np.uint8)), "one.tif").shape == (32, 32)
+
+
+def test_floating_point_pixels_are_refused() -> None:
+    with pytest.raises(ImageDecodeError, match="expected 8- or 16-bit pixels, found float32") as caught:
+        decode_image(_encode(".tif", np.zeros((32, 32), np.float32)), "float.tif")
+    assert caught.value.code == "bad_dtype"
+
+
+def test_images_smaller_than_eight_pixels_are_refused() -> None:
+    assert decode_image(_encode(".png", np.zeros((8, 8), np.uint8)), "8.png").shape == (8, 8)
+    for shape in ((7, 8), (8, 7)):
+        with pytest.raises(ImageDecodeError, match="too small") as caught:
+            decode_image(_encode(".png", np.zeros(shape, np.uint8)), "7.png")
+        assert caught.value.code == "too_small"
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match=r"absent\.png: cannot read file") as caught:
+        read_image(tmp_path / "absent.png")
+    assert caught.value.code == "unreadable"
+
+
+def test_unit_range_scales_by_the_stored_bits() -> None:
+    # given 8-bit, 16-bit and 12-bit-in-16 pixels
+    assert to_unit_range(np.array([[0, 255]], np.uint8)).tolist() == [[0.0, 1.0]]
+    assert to_unit_range(np.array([[0, 65535]], np.uint16)).tolist() == [[0.0, 1.0]]
+    twelve = to_unit_range(np.array([[0, 2048, 4095, 5000]], np.uint16), bits_stored=12)
+    # then values above the stored range saturate instead of passing 1
+    assert twelve[0, 0] == 0.0 and twelve[0, 1] == pytest.approx(2048 / 4095) and twelve[0, 2:].tolist() == [1.0, 1.0]
+    with pytest.raises(ImageDecodeError) as caught:
+        to_unit_range(np.zeros((2, 2), np.float32))
+    assert caught.value.code == "bad_dtype"
