@@ -252,10 +252,12 @@ class Agent:
         timeout (a frame stuck in the old engine) the old engine stays and TimeoutError is raised.
         """
         with self._lock:
-            old = self.engine
-            old_version = old.manifest.version if old is not None else None
-            if self.pipeline is not None:
-                old = self.pipeline.swap_inspector(new_engine, timeout)
+            old, pipeline = self.engine, self.pipeline
+        old_version = old.manifest.version if old is not None else None
+        if pipeline is not None:
+            # Outside the lock: status() must stay answerable while the inference thread finishes a frame.
+            old = pipeline.swap_inspector(new_engine, timeout)  # type: ignore[assignment]
+        with self._lock:
             self.engine = new_engine
         if old is not None and old is not new_engine:
             old.close()
