@@ -132,9 +132,7 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAUL
             raise ImageDecodeError("decode_failed", f"{name}: not a decodable PNG/TIFF/JPEG image or truncated")
     if image.ndim == 3:
         channels = image.shape[2]
-        if channels == 1:
-            image = image[:, :, 0]
-        elif channels in (3, 4):
+        if channels in (3, 4):
             colour = image[:, :, :3]
             if not (
                 np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(colour[:, :, 0], colour[:, :, 2])

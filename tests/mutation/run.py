@@ -38,9 +38,13 @@ MODULES: dict[str, tuple[Path, list[str]]] = {
 
 # One representative replacement per operator family: every comparison, boolean and constant change,
 # but not all eleven arithmetic swaps of each `+` (they rarely fail where the first one passes).
+# Left out as equivalent by construction: `|` <-> `&` (in these modules `|` appears only in type
+# annotations, which `from __future__ import annotations` never evaluates) and `==` <-> `is` (the
+# operands are interned strings and small ints, for which both are the same).
 EXCLUDED_OPERATORS = [
-    r"core/ReplaceBinaryOperator_(?!Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Div|Mod_FloorDiv|BitOr_BitAnd|BitAnd_BitOr).*",
+    r"core/ReplaceBinaryOperator_(?!Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Div|Mod_FloorDiv).*",
     r"core/ReplaceComparisonOperator_(Is|IsNot|In|NotIn)_.*",
+    r"core/ReplaceComparisonOperator_.*_(Is|IsNot)$",
 ]
 
 
