@@ -6,6 +6,7 @@ import hashlib
 import logging
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _extract(archive: Path) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(target, filter="data")  # 'data' refuses absolute paths, links out, devices
-    except (tarfile.TarError, OSError) as err:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:  # EOFError: an archive cut short
         holder.cleanup()
         raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
     entries = list(target.iterdir())

@@ -30,7 +30,7 @@ PYTEST = "-m pytest -x -q -p no:cacheprovider -p no:randomly"
 # module -> (interpreter, the fast tests that cover it). Agent modules run in the MXNet-free env against
 # the bundle `make test` leaves in build/test-bundle, so no mutant pays for a training run.
 MODULES: dict[str, tuple[Path, list[str]]] = {
-    "agent/bundle/loader.py": (AGENT_PY, ["tests/agent/test_engine.py"]),
+    "agent/bundle/loader.py": (AGENT_PY, ["tests/agent/test_bundle_loader.py", "tests/agent/test_engine.py"]),
     "agent/imaging.py": (AGENT_PY, ["tests/agent/test_imaging.py"]),
     "agent/sources/folder.py": (AGENT_PY, ["tests/agent/test_folder_source.py"]),
     "export/onnx_export.py": (EXPORT_PY, ["tests/export/test_parity.py"]),
