@@ -43,9 +43,10 @@ fmt: $(VENV)/.stamp
 # The agent suites run twice: inside the full env, where the session fixture trains and builds a real
 # bundle with the export stage, then in the MXNet-free agent env on current numpy, against that bundle.
 TEST_BUNDLE := build/test-bundle
+TEST_RUNS := build/test-runs
 test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
-		$(VENV)/bin/python -m pytest -q
+		LINESIDE_EXPORT_TEST_RUNS_TO=$(CURDIR)/$(TEST_RUNS) $(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \
 		$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent tests/integration
 
@@ -53,7 +54,7 @@ test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
 MUTATE ?=
 mutation: $(VENV)/.stamp $(AGENT_VENV)/.stamp
 	$(VENV)/bin/pip install -q -e '.[export,agent,dev,mutation]'
-	test -f $(TEST_BUNDLE)/manifest.json || $(MAKE) test
+	test -f $(TEST_BUNDLE)/manifest.json -a -d $(TEST_RUNS) || $(MAKE) test
 	$(VENV)/bin/python tests/mutation/run.py $(MUTATE)
 
 clean:

@@ -43,9 +43,20 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each model trained for a few real MXNet iterations on the synthetic set."""
+    """Each model trained for a few real MXNet iterations on the synthetic set.
+
+    With $LINESIDE_TEST_RUNS (and $LINESIDE_TEST_BUNDLE) pointing at what an earlier full run left in
+    build/ (mutation testing does this), those runs are reused instead of trained again.
+    """
     if not HAS_MXNET:
         pytest.skip("MXNet is not installed in this environment (agent-only venv)")
+    given = os.environ.get("LINESIDE_TEST_RUNS")
+    if given and os.environ.get("LINESIDE_TEST_BUNDLE"):
+        from lineside.export.models import EXPORT_KINDS as kinds
+
+        found = {kind: Path(given) / kind for kind in kinds}
+        if all((run / "train.json").is_file() for run in found.values()):
+            return found
     from lineside.export.data import datasets_for
     from lineside.export.models import EXPORT_KINDS
     from lineside.export.train import TrainOptions
@@ -56,6 +67,10 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     for kind, handler in EXPORT_KINDS.items():
         opts = TrainOptions(out=root / kind, epochs=2, iters_per_epoch=3, batch_size=4, val_batches=2, seed=1)
         runs[kind] = handler.train(train, val, opts, split)
+    export_to = os.environ.get("LINESIDE_EXPORT_TEST_RUNS_TO")
+    if export_to:
+        shutil.rmtree(export_to, ignore_errors=True)
+        shutil.copytree(root, export_to)
     return runs
 
 
@@ -63,6 +78,8 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_bundle(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     """A verified bundle folder built by `export.build` (or the one a full run left behind)."""
     given = os.environ.get("LINESIDE_TEST_BUNDLE")
+    if HAS_MXNET and given and os.environ.get("LINESIDE_TEST_RUNS") and (Path(given) / "manifest.json").is_file():
+        return Path(given)  # built from $LINESIDE_TEST_RUNS by an earlier full run
     if not HAS_MXNET:
         if not given or not (Path(given) / "manifest.json").is_file():
             pytest.fail(

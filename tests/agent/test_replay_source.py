@@ -76,11 +76,11 @@ def test_rate_limits_the_pace(recorded: Path) -> None:
     # when
     frames = list(source.frames())
 
-    # then no frame came sooner than its slot: the first at once, the others at least 50 ms apart
-    # (how much later a loaded machine delivers them is not this test's business)
+    # then no frame came before its slot (frame k at k x 50 ms after the first; a late frame lets the
+    # next one catch up, so gaps alone may be shorter; how late a loaded machine is, is not this test's business)
     assert len(frames) == 4
-    gaps = np.diff([f.captured_mono for f in frames])
-    assert all(gap >= 0.05 - 0.002 for gap in gaps), gaps
+    since_first = np.asarray([f.captured_mono for f in frames]) - frames[0].captured_mono
+    assert all(t >= k * 0.05 - 0.01 for k, t in enumerate(since_first)), since_first  # 10 ms: decoding
 
 
 def test_stop_event_ends_an_endless_replay(recorded: Path) -> None:

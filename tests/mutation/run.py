@@ -77,9 +77,9 @@ def run_module(module: str, timeout: float) -> tuple[dict[str, int], list[str]]:
     stem = module.replace("/", "_").removesuffix(".py")
     config, session = OUT / f"{stem}.toml", OUT / f"{stem}.sqlite"
     config.write_text(_config(module, python, tests, timeout), encoding="utf-8")
-    env_bundle = REPO / "build" / "test-bundle"
-    if python == AGENT_PY and not (env_bundle / "manifest.json").is_file():
-        raise SystemExit(f"{env_bundle} is missing: run `make test` first (it builds the test bundle)")
+    for needed in (REPO / "build" / "test-bundle" / "manifest.json", REPO / "build" / "test-runs"):
+        if not needed.exists():
+            raise SystemExit(f"{needed} is missing: run `make test` first (it leaves the test bundle and runs)")
     if not session.exists():
         subprocess.run(
             [str(Path(sys.executable).with_name("cosmic-ray")), "init", str(config), str(session)], cwd=REPO, check=True
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = OUT / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     report = ["# Surviving mutants\n", "Each one is explained in docs/testing.md or gets a test.\n"]
+    # What `make test` left in build/: the bundle, and the runs it was built from (no training per mutant).
     os.environ.setdefault("LINESIDE_TEST_BUNDLE", str(REPO / "build" / "test-bundle"))
+    os.environ.setdefault("LINESIDE_TEST_RUNS", str(REPO / "build" / "test-runs"))
     for module in args.modules:
         if module not in MODULES:
             parser.error(f"unknown module {module!r}; expected some of {sorted(MODULES)}")
