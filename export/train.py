@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lineside.agent.bundle.manifest import Preprocessing, TrainingSummary
 from lineside.agent.errors import DatasetError, ExportError
 from lineside.agent.inference.preprocess import normalise_tiles
+from lineside.export import simulate
 from lineside.export.data.base import Dataset
 from lineside.export.data.splits import Split
 from lineside.export.tiles import LoadedImage, TileSampler, augment, intensity_stats, load_images
@@ -50,6 +51,8 @@ class TrainOptions:
     preset: str | None = None
     pretrained: bool = False
     init_from: Path | None = None  # continue from an earlier run of the same kind and architecture
+    simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
+    copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -190,6 +193,8 @@ def _write_run(
             "batch_size": opts.batch_size,
             "iters_per_epoch": opts.iters_per_epoch,
             "learning_rate": opts.learning_rate,
+            "simulate": opts.simulate,
+            "copy_paste": opts.copy_paste,
         },
     )
     record = {
@@ -259,6 +264,7 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
         update={"tile_overlap": 32 if preset.mode == "tile" else 0}
     )
     sampler = TileSampler(train_images, size, prep.mean, rng)
+    simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
     val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
     if not val_sampler.defective:
         raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
@@ -376,6 +382,7 @@ def train_classifier(train: Dataset, val: Dataset, opts: TrainOptions, split: Sp
     val_images = load_images(val, probe, "classifier val")
     prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
     sampler = TileSampler(train_images, size, prep.mean, rng)
+    simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
     val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
     if opts.pretrained:
         net = _zoo(lambda: build_classifier(backbone, pretrained=True), backbone)
