@@ -373,7 +373,7 @@ class Residual:
     box: tuple[float, float, float, float]  # the defect's box within `relative`
 
 
-def cut_residual(bg: Background, box: Sequence[float], margin: int = 6) -> Residual | None:
+def cut_residual(bg: Background, box: Sequence[float], margin: int = 6, min_signal: float = 0.1) -> Residual | None:
     """The defect in `box` minus an inpainted background, divided by the local signal I - q."""
     h, w = bg.unit.shape
     x1, y1, x2, y2 = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
@@ -383,12 +383,20 @@ def cut_residual(bg: Background, box: Sequence[float], margin: int = 6) -> Resid
     patch = bg.unit[py0:py1, px0:px1].astype(np.float32)
     hole = np.zeros(patch.shape, np.uint8)
     hole[y1 - py0 : y2 - py0, x1 - px0 : x2 - px0] = 1
-    # The background under the defect, filled in from around the box (smooth: noise stays out of it).
-    base = cv2.inpaint(cv2.GaussianBlur(patch, (0, 0), 1.0), hole, 5, cv2.INPAINT_TELEA)
-    signal = np.maximum(base - bg.q, 0.02)
-    # Feather the box edge so the pasted defect has no seam.
+    # The background under the defect, filled in from around the box.
+    smooth = cv2.GaussianBlur(patch, (0, 0), 1.0)
+    # Normalised convolution from the pixels around the box (cv2.inpaint returns garbage on float32).
+    known = (1 - hole).astype(np.float32)
+    sigma = max(x2 - x1, y2 - y1) / 2
+    fill = cv2.GaussianBlur(smooth * known, (0, 0), sigma) / np.maximum(cv2.GaussianBlur(known, (0, 0), sigma), 1e-6)
+    base = np.where(hole > 0, fill, smooth)
+    signal = base - bg.q
+    if float(signal[hole > 0].min()) < min_signal:
+        return None  # a dark source: its noise, divided by a small signal, would be pasted as a defect
+    # Feather the box edge so the pasted defect has no seam; the smoothed patch keeps the source's
+    # noise out (the target brings its own).
     feather = cv2.GaussianBlur(hole.astype(np.float32), (0, 0), 1.5) * (hole > 0)
-    relative = (patch - base) / signal * feather
+    relative = np.clip((smooth - base) / np.maximum(signal, 1e-3), -0.5, 1.0) * feather
     return Residual(relative.astype(np.float32), (float(x1 - px0), float(y1 - py0), float(x2 - px0), float(y2 - py0)))
 
 
