@@ -316,6 +316,13 @@ def render(
     return image, box
 
 
+def _inside(box: Sequence[float], within: tuple[int, int, int, int] | None) -> bool:
+    if within is None:
+        return True
+    y0, x0, y1, x1 = within
+    return box[0] >= x0 and box[1] >= y0 and box[2] <= x1 and box[3] <= y1
+
+
 def _boxes_overlap(a: Sequence[float], b: Sequence[float], margin: float = 2.0) -> bool:
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
@@ -327,10 +334,13 @@ def simulate(
     config: SimConfig | None = None,
     *,
     region: tuple[int, int, int, int] | None = None,
+    within: tuple[int, int, int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `n_defects` non-overlapping defects inside the part (and inside region y0,x0,y1,x1 if given).
+    """Up to `n_defects` non-overlapping defects inside the part.
 
-    Returns (image, boxes (K, 4) float32). Deterministic for a given rng state.
+    Centres lie in `region` and whole boxes in `within` where given (both y0, x0, y1, x1): a defect
+    cut by a training tile's edge would be a positive without its box. Returns (image, boxes (K, 4)
+    float32). Deterministic for a given rng state.
     """
     config = config or SimConfig()
     image = bg.unit.copy()
@@ -355,7 +365,7 @@ def simulate(
         )  # fmt: skip
         if box is None or min(box[2] - box[0], box[3] - box[1]) < config.min_box:
             continue
-        if any(_boxes_overlap(box, b) for b in boxes):
+        if not _inside(box, within) or any(_boxes_overlap(box, b) for b in boxes):
             continue
         image = trial
         boxes.append(box)
@@ -494,23 +504,24 @@ class SimulatedTiles:
         # A tile around a random part pixel, the defects anywhere inside it (away from the tile edge).
         y = int(np.clip(cys[i] - self.rng.integers(16, max(17, s - 16)), 0, max(0, h - s)))
         x = int(np.clip(cxs[i] - self.rng.integers(16, max(17, s - 16)), 0, max(0, w - s)))
-        region = (y + 12, x + 12, min(h, y + s) - 12, min(w, x + s) - 12)
+        ch, cw = min(s, h - y), min(s, w - x)
+        region = (y + 12, x + 12, y + ch - 12, x + cw - 12)
+        within = (y + 1, x + 1, y + ch - 1, x + cw - 1)
         n = int(self.rng.integers(1, self.max_defects + 1))
         if self.residuals and self.rng.random() < self.paste_share:
-            image, boxes = self._paste(bg, n, region)
+            image, boxes = self._paste(bg, n, region, within)
         else:
             try:
-                image, boxes = simulate(bg, self.rng, n, self.config, region=region)
+                image, boxes = simulate(bg, self.rng, n, self.config, region=region, within=within)
             except NoPartError:
                 return bg.unit, np.zeros((0, 4), np.float32)
         tile = np.full((s, s), self.pad, np.float32)
-        ch, cw = min(s, h - y), min(s, w - x)
         tile[:ch, :cw] = image[y : y + ch, x : x + cw]
-        boxes = boxes - np.asarray([x, y, x, y], np.float32)
-        keep = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= s) & (boxes[:, 3] <= s)
-        return tile, boxes[keep].reshape(-1, 4)
+        return tile, (boxes - np.asarray([x, y, x, y], np.float32)).reshape(-1, 4)
 
-    def _paste(self, bg: Background, n: int, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _paste(
+        self, bg: Background, n: int, region: tuple[int, int, int, int], within: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         y0, x0, y1, x1 = region
         image = bg.unit.copy()
         boxes: list[tuple[float, float, float, float]] = []
@@ -520,7 +531,7 @@ class SimulatedTiles:
             res = self.residuals[int(self.rng.integers(len(self.residuals)))]
             cx, cy = self.rng.uniform(x0, max(x0 + 1, x1)), self.rng.uniform(y0, max(y0 + 1, y1))
             trial, box = paste(bg, res, cx, cy, self.rng, out=image.copy())
-            if box is None or any(_boxes_overlap(box, b) for b in boxes):
+            if box is None or not _inside(box, within) or any(_boxes_overlap(box, b) for b in boxes):
                 continue
             image = trial
             boxes.append(box)
