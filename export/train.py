@@ -47,6 +47,9 @@ class TrainOptions:
     preset: str | None = None
     pretrained: bool = False
     init_from: Path | None = None  # continue from an earlier run of the same kind and architecture
+    simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
+    copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
+    imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -187,6 +190,9 @@ def write_run(
             "batch_size": opts.batch_size,
             "iters_per_epoch": opts.iters_per_epoch,
             "learning_rate": opts.learning_rate,
+            "simulate": opts.simulate,
+            "copy_paste": opts.copy_paste,
+            "imagenet": opts.imagenet,
         },
     )
     record = RunRecord(

@@ -36,6 +36,18 @@ def ground_truth(sample: Sample) -> np.ndarray:
     return np.asarray([(b.x1, b.y1, b.x2, b.y2) for b in sample.boxes], np.float32).reshape(-1, 4)
 
 
+def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--simulate / --copy-paste: positives from defects simulated on the training series' normal images."""
+    parser.add_argument(
+        "--simulate", type=float, default=0.0, metavar="SHARE",
+        help="share of positive tiles with defects simulated on defect-free training images",
+    )  # fmt: skip
+    parser.add_argument(
+        "--copy-paste", type=float, default=0.0, metavar="SHARE",
+        help="share of the simulated tiles made by pasting real training defects instead of physics",
+    )  # fmt: skip
+
+
 class ExportKind(ABC):
     """One model kind in the export stage; see the module docstring."""
 

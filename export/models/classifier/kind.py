@@ -16,10 +16,10 @@ from lineside.agent.bundle.schema import Preprocessing
 from lineside.agent.inference.preprocess import normalise_tiles
 from lineside.agent.inference.types import ModelOutputs
 from lineside.agent.models import Classifier, ClassifierThresholds
-from lineside.export import metrics
+from lineside.export import metrics, simulate
 from lineside.export.data.base import Dataset, Sample
 from lineside.export.data.splits import Split
-from lineside.export.models.base import ExportKind
+from lineside.export.models.base import ExportKind, add_simulation_arguments
 from lineside.export.models.classifier.network import CLASSIFIER_TILE, ClassifierExport, build_classifier
 from lineside.export.runs import PARAMS_FILE, RunRecord
 from lineside.export.tiles import TileSampler, augment, load_images
@@ -61,6 +61,7 @@ class ClassifierKind(ExportKind):
         parser.add_argument(
             "--pretrained", action="store_true", help="start from GluonCV zoo ImageNet weights (needs network)"
         )
+        add_simulation_arguments(parser)
 
     def train(self, train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
         backbone = opts.preset or "mobilenet0.25"
@@ -72,6 +73,7 @@ class ClassifierKind(ExportKind):
         val_images = load_images(val, probe, "classifier val")
         prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
         sampler = TileSampler(train_images, size, prep.mean, rng)
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if opts.pretrained:
             net = zoo(lambda: build_classifier(backbone, pretrained=True), backbone)

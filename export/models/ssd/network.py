@@ -25,6 +25,7 @@ class SSDPreset:
     sizes: tuple[float, ...]
     ratios: tuple[tuple[float, ...], ...]
     steps: tuple[int, ...]
+    rgb: bool = False  # 3 input channels (ImageNet backbones expect them)
 
 
 _SMALL = dict(
@@ -41,6 +42,21 @@ PRESETS: dict[str, SSDPreset] = {
     # CPU-friendly default: ~5x cheaper per tile than mobilenet1.0.
     "tile256-mobilenet0.25": SSDPreset("tile256-mobilenet0.25", "mobilenet0.25", **_SMALL),
     "tile256-mobilenet1.0": SSDPreset("tile256-mobilenet1.0", "mobilenet1.0", **_SMALL),
+    # MobileNetV2 for ImageNet weights (`--imagenet`, export.imagenet): the expansion layers of the
+    # first stride-16 and stride-32 blocks (SSDLite's taps) give strides 8 and 16, then the 1280-ch head.
+    "tile256-mobilenetv2_1.0": SSDPreset(
+        "tile256-mobilenetv2_1.0",
+        "mobilenetv2_1.0",
+        **{
+            **_SMALL,
+            "features": (
+                "features_linearbottleneck6_relu60_relu6",
+                "features_linearbottleneck13_relu60_relu6",
+                "features_relu61_relu6",
+            ),
+        },
+        rgb=True,
+    ),
     # The study's network: ssd_512_mobilenet1.0 on the whole image resized to 512x512.
     "ssd512-mobilenet1.0": SSDPreset(
         "ssd512-mobilenet1.0",
@@ -59,7 +75,7 @@ PRESETS: dict[str, SSDPreset] = {
 def build_ssd(preset: SSDPreset, pretrained_base: bool = False) -> HybridBlock:
     from gluoncv.model_zoo.ssd import SSD
 
-    return SSD(
+    net = SSD(
         network=preset.network,
         base_size=preset.input_size,
         features=list(preset.features),
@@ -70,6 +86,8 @@ def build_ssd(preset: SSDPreset, pretrained_base: bool = False) -> HybridBlock:
         classes=["defect"],
         pretrained=pretrained_base,
     )
+    net._lineside_rgb = preset.rgb
+    return net
 
 
 def anchors_of(net: HybridBlock, input_size: int, ctx: mx.Context) -> mx.nd.NDArray:

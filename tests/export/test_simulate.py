@@ -1,0 +1,223 @@
+"""Simulated defects: the attenuation law, tight boxes, the part mask, determinism, copy-paste."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lineside.export.simulate import (
+    Background,
+    Defect,
+    Ellipsoid,
+    NoPartError,
+    SimConfig,
+    SimulatedTiles,
+    analyse,
+    chord_length_mm,
+    cut_residual,
+    paste,
+    random_rotation,
+    render,
+    simulate,
+)
+
+Q = 0.05  # grey value of infinite thickness in the synthetic images
+
+
+def _flat(level: float = 0.5, size: int = 96) -> Background:
+    """A noise-free flat image that is all part."""
+    unit = np.full((size, size), level, np.float32)
+    return Background(unit, unit.copy(), np.ones_like(unit, bool), Q, 0.0)
+
+
+def _casting(size: int = 160, seed: int = 0) -> np.ndarray:
+    """Bright air, a darker disc of metal with a thickness ramp, noise: enough for the part mask."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size]
+    unit = np.full((size, size), 0.9, np.float32)
+    disc = (ys - size / 2) ** 2 + (xs - size / 2) ** 2 < (0.4 * size) ** 2
+    unit[disc] = 0.35 + 0.1 * xs[disc] / size
+    return np.clip(unit + rng.normal(0, 0.004, unit.shape), 0, 1).astype(np.float32)
+
+
+def _sphere(radius_mm: float, mu: float, sign: int = 1, ppm: float = 3.0) -> Defect:
+    return Defect("pore" if sign > 0 else "inclusion", (Ellipsoid(0.0, 0.0, (radius_mm,) * 3),), mu, sign, ppm)
+
+
+def test_void_brightens_centre_pixel_by_exp_mu_chord():
+    # given a flat part (I = 0.5) and a sphere of radius 2 mm centred on pixel (48, 48)'s centre
+    bg, mu = _flat(0.5), 0.05
+    defect = _sphere(2.0, mu)
+
+    # when it is rendered without blur and noise
+    image, box = render(bg, defect, 48.5, 48.5, np.random.default_rng(0), blur_sigma=0, noise=False)
+
+    # then the centre pixel follows J = exp(mu * d) (I - q) + q with d the diameter, 4 mm
+    assert image[48, 48] == pytest.approx(math.exp(mu * 4.0) * (0.5 - Q) + Q, rel=1e-5)
+    # and a pixel 3 px (1 mm) off-centre with the chord 2 * sqrt(r^2 - rho^2)
+    chord = 2 * math.sqrt(2.0**2 - 1.0**2)
+    assert image[48, 51] == pytest.approx(math.exp(mu * chord) * (0.5 - Q) + Q, rel=1e-5)
+    assert image[48, 48] > image[48, 51] > 0.5
+    assert box is not None
+
+
+def test_chord_of_rotated_ellipsoid_matches_analytic_centre_chord():
+    # given an ellipsoid with semi-axes (3, 1, 2) mm under a random rotation R
+    rotation = random_rotation(np.random.default_rng(4))
+    ell = Ellipsoid(10.0, 10.0, (3.0, 1.0, 2.0), rotation)
+
+    # when the ray through its centre is measured
+    d = chord_length_mm([ell], np.array([10.0]), np.array([10.0]), px_per_mm=2.0)
+
+    # then it is 2 / sqrt(A_zz), A = R diag(1/a^2) R^T
+    a_zz = sum(rotation[2, k] ** 2 / s**2 for k, s in enumerate((3.0, 1.0, 2.0)))
+    assert d[0] == pytest.approx(2 / math.sqrt(a_zz), rel=1e-9)
+
+
+def test_union_of_overlapping_ellipsoids_counts_shared_length_once():
+    # given two spheres of radius 1 mm on the same ray, 1 mm apart in depth
+    a = Ellipsoid(0.0, 0.0, (1.0, 1.0, 1.0), cz_mm=0.0)
+    b = Ellipsoid(0.0, 0.0, (1.0, 1.0, 1.0), cz_mm=1.0)
+
+    # when the chord through both centres is measured
+    d = chord_length_mm([a, b], np.array([0.0]), np.array([0.0]), px_per_mm=1.0)
+
+    # then it spans z from -1 to 2, not 2 + 2
+    assert d[0] == pytest.approx(3.0)
+
+
+def test_inclusion_darkens_by_exp_minus_mu_chord():
+    # given a flat part and a dense sphere
+    bg, mu = _flat(0.6), 0.04
+    defect = _sphere(1.5, mu, sign=-1)
+
+    # when rendered without blur and noise
+    image, _ = render(bg, defect, 48.5, 48.5, np.random.default_rng(0), blur_sigma=0, noise=False)
+
+    # then the centre gets darker by exactly the law
+    assert image[48, 48] == pytest.approx(math.exp(-mu * 3.0) * (0.6 - Q) + Q, rel=1e-5)
+    assert image.max() == pytest.approx(0.6)
+
+
+def test_box_is_tight_around_the_changed_region():
+    # given a blurred, noise-free elongated void
+    bg = _flat(0.5)
+    defect = Defect(
+        "pore", (Ellipsoid(0.0, 0.0, (4.0, 1.5, 2.0), random_rotation(np.random.default_rng(1))),), 0.06, 1, 3.0
+    )
+
+    # when rendered
+    image, box = render(bg, defect, 47.3, 50.8, np.random.default_rng(0), blur_sigma=1.2, noise=False, box_fraction=0.1)
+
+    # then the pixels changing by more than 10 % of the peak lie inside the box and touch all four edges
+    change = np.abs(image - bg.unit)
+    rows, cols = np.nonzero(change > 0.1 * change.max())
+    x1, y1, x2, y2 = box
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x1, y1, x2, y2)
+
+
+def test_nothing_changes_outside_the_part_mask():
+    # given a flat image whose part covers only the left half
+    bg = _flat(0.5)
+    bg.mask[:, 48:] = False
+
+    # when a large pore straddles the mask edge
+    image, _ = render(bg, _sphere(4.0, 0.08), 46.0, 48.0, np.random.default_rng(0), blur_sigma=1.5)
+
+    # then the right half is untouched, the left half changed
+    assert np.array_equal(image[:, 48:], bg.unit[:, 48:])
+    assert np.abs(image[:, :48] - 0.5).max() > 0.01
+
+
+def test_simulation_is_deterministic_for_a_seed():
+    # given one casting analysed once
+    bg = analyse(_casting())
+
+    # when the same seed simulates twice, and another seed once
+    a_img, a_boxes = simulate(bg, np.random.default_rng(7), 3)
+    b_img, b_boxes = simulate(bg, np.random.default_rng(7), 3)
+    c_img, _ = simulate(bg, np.random.default_rng(8), 3)
+
+    # then the first two are identical, and the third differs
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_boxes, b_boxes)
+    assert len(a_boxes) >= 1
+    assert not np.array_equal(a_img, c_img)
+
+
+def test_simulated_defects_stay_inside_the_part():
+    # given a casting: a metal disc in bright air
+    bg = analyse(_casting())
+
+    # when defects are simulated
+    image, boxes = simulate(bg, np.random.default_rng(3), 3, SimConfig())
+
+    # then air pixels (outside the mask) are unchanged and every box centre lies in the part
+    assert np.array_equal(image[~bg.mask], bg.unit[~bg.mask])
+    for x1, y1, x2, y2 in boxes:
+        assert bg.mask[int((y1 + y2) / 2), int((x1 + x2) / 2)]
+
+
+def test_image_without_a_part_is_refused_with_a_clear_error():
+    # given a flat grey image (no air, no metal edges: nothing that looks like a casting)
+    unit = np.full((64, 64), 0.5, np.float32)
+
+    # when / then
+    with pytest.raises(NoPartError, match="no part found"):
+        analyse(unit)
+
+
+def test_copy_paste_moves_a_defect_with_its_box():
+    # given a flat part with a bright 8x8 defect at (20..28, 20..28)
+    unit = np.full((96, 96), 0.5, np.float32)
+    unit[20:28, 20:28] += 0.05
+    bg = Background(unit, unit.copy(), np.ones_like(unit, bool), Q, 0.0)
+    residual = cut_residual(bg, (20.0, 20.0, 28.0, 28.0))
+
+    # when it is pasted centred at (70, 60)
+    target = _flat(0.5)
+    image, box = paste(target, residual, 70.0, 60.0, np.random.default_rng(0))
+
+    # then the box is 8x8 around there and the image got brighter inside it only
+    x1, y1, x2, y2 = box
+    assert (x2 - x1, y2 - y1) == (8.0, 8.0)
+    assert abs((x1 + x2) / 2 - 70) <= 1 and abs((y1 + y2) / 2 - 60) <= 1
+    inside = image[int(y1) : int(y2), int(x1) : int(x2)]
+    assert inside.mean() > 0.52
+    outside = image.copy()
+    outside[int(y1) : int(y2), int(x1) : int(x2)] = 0.5
+    assert np.abs(outside - 0.5).max() < 1e-6
+
+
+def test_simulated_tiles_have_boxes_inside_the_tile():
+    # given a sampler of 64 px tiles over two castings
+    tiles = SimulatedTiles([("a", _casting(seed=1)), ("b", _casting(seed=2))], 64, 0.5, np.random.default_rng(0))
+
+    # when tiles are drawn
+    for _ in range(5):
+        tile, boxes = tiles()
+
+        # then each has at least one box, inside the tile
+        assert tile.shape == (64, 64) and tile.dtype == np.float32
+        assert len(boxes) >= 1
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+
+
+def test_simulation_on_real_gdxray_normal_finds_the_part(gdxray_root):
+    # given a verified defect-free GDXray training image (C0001 has none; C0008 holds a few)
+    from lineside.agent.imaging import to_unit_range
+    from lineside.export.data.gdxray import read_series
+
+    normals = [s for s in read_series(gdxray_root / "Castings" / "C0008") if s.label is False]
+    unit = to_unit_range(normals[0].load())
+
+    # when it is analysed and a defect simulated
+    bg = analyse(unit)
+    _image, boxes = simulate(bg, np.random.default_rng(0), 2)
+
+    # then a sizeable part is found and the boxes are GDXray-sized
+    assert bg.mask.mean() > 0.05
+    assert len(boxes) >= 1
+    sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
+    assert sides.min() >= 6 and sides.max() <= 80
