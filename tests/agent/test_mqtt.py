@@ -163,7 +163,6 @@ def test_commands_pause_resume_status_and_trigger_reply_and_act(
 
     # then the next result carries the part serial and view, exactly once
     line.wait_for(lambda: any(r["part_id"] == "W-000123" for r in line.json_on("result")), "the tagged result")
-    line.wait_for(lambda: len(line.json_on("result")) >= 3 + len(line.json_on("result")[:1]), "more results")
     tagged = [r for r in line.json_on("result") if r["part_id"] == "W-000123"]
     assert len(tagged) == 1 and tagged[0]["view"] == 2 and tagged[0]["meta"]["tagged_by"] == "trigger"
     assert not agent.status().paused
@@ -314,5 +313,6 @@ def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_cha
     # then the agent still runs and still answers
     assert sent["n"] > 20
     assert agent.status().state == "running"
+    replies = len(line.on("cmd/status/reply"))
     line.send("status", b"")
-    assert reply_to(line, "status", len(line.on("cmd/status/reply")) + 1)["ok"] is True
+    assert reply_to(line, "status", replies + 1)["ok"] is True
