@@ -287,7 +287,15 @@ class Plc:
     """A subscriber acting as the line's PLC: a persistent session (QoS 1, clean_session false) on
     `<prefix>/#`, recording every message in arrival order; it also sends commands."""
 
-    def __init__(self, port: int, prefix: str, *, client_id: str = "plc") -> None:
+    def __init__(
+        self,
+        port: int,
+        prefix: str,
+        *,
+        client_id: str = "plc",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         import threading
 
         import paho.mqtt.client as mqtt
@@ -311,6 +319,8 @@ class Plc:
                 self.last_properties = message.properties
 
         self.client.on_connect = on_connect
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
         from paho.mqtt.packettypes import PacketTypes

@@ -316,3 +316,61 @@ def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_cha
     replies = len(line.on("cmd/status/reply"))
     line.send("status", b"")
     assert reply_to(line, "status", replies + 1)["ok"] is True
+
+
+def test_username_and_password_from_the_credential_reach_the_broker_and_a_wrong_one_is_refused_without_a_crash(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    from lineside.agent.events import Event
+
+    # given a broker that accepts only known users, and a PLC logged in as itself
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "cell-07", "s3cret"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "plc", "plc-pass"], check=True)
+    broker = mosquitto(extra_conf=f"allow_anonymous false\npassword_file {passwords}\n")
+    line = plc(broker.port, PREFIX, username="plc", password="plc-pass")
+
+    # when an agent connects with a wrong password (the credential, never the YAML)
+    monkeypatch.setenv("LINESIDE_MQTT_PASSWORD", "wrong")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = mqtt_config(tmp_path, images, broker.port, source={"max_frames": 3}, username="cell-07")
+    refused: list[Event] = []
+    wrong = run_agent(config)
+    wrong.events.subscribe(lambda e: refused.append(e) if e.kind == "mqtt_refused" else None)
+    line.wait_for(lambda: len(refused) >= 1, "the refusal reported as an event")
+    wrong.wait()
+
+    # then the agent keeps running and keeps its results in the outbox (nothing published, nothing lost)
+    assert wrong.status().state == "running"
+    assert line.on("result") == []
+    wrong.stop()
+    assert outbox_depth(tmp_path) >= 3
+
+    # when it restarts with the right password, then the backlog arrives
+    monkeypatch.setenv("LINESIDE_MQTT_PASSWORD", "s3cret")
+    run_agent(config)
+    line.wait_for(lambda: len(line.result_ids()) == 3, "the 3 results after the right password")
+
+
+def test_a_missing_tls_file_is_a_config_error_naming_the_key(
+    tmp_path: Path, images: Path, make_inspector: Callable
+) -> None:
+    # given an mqtt section whose CA file does not exist
+    config = mqtt_config(tmp_path, images, 8883, source={}, tls={"ca_file": str(tmp_path / "nope" / "ca.pem")})
+
+    # when the paths are checked, and when the agent runs anyway
+    problems = config.problems()
+    engine = make_inspector()
+    code = Agent(config, engine_loader=lambda c: engine).run()
+
+    # then check-config names the key, and the agent exits 78 (configuration) before serving anything
+    assert any(p.startswith("mqtt.tls.ca_file: ") and "does not exist" in p for p in problems)
+    assert code == 78
+    assert engine.calls == [] and engine.closed
