@@ -6,7 +6,7 @@ VENV := .venv
 AGENT_VENV := .venv-agent
 DEMO_OUT ?= demo-out
 
-.PHONY: help venv agent-venv demo test lint fmt clean mutation
+.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto
 
 help:
 	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
@@ -43,7 +43,13 @@ fmt: $(VENV)/.stamp
 # The agent suites run twice: inside the full env, where the session fixture trains and builds a real
 # bundle with the export stage, then in the MXNet-free agent env on current numpy, against that bundle.
 TEST_BUNDLE := build/test-bundle
-test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
+# The MQTT tests start a real mosquitto on a loopback port: install Debian's when missing (root only).
+mosquitto:
+	@command -v mosquitto >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; } || \
+		{ echo "make test needs mosquitto: apt-get install -y mosquitto mosquitto-clients" >&2; exit 1; }
+
+test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
 		$(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \

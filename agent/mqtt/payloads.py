@@ -117,3 +117,17 @@ def schemas() -> dict[str, dict[str, Any]]:
         "cmd/trigger": TriggerCommand.model_json_schema(),
         "cmd/<name>/reply": CommandReply.model_json_schema(),
     }
+
+
+def render_schemas() -> str:
+    """The JSON Schema section of docs/mqtt.md (between its schema markers); a test keeps the two equal."""
+    import json
+
+    parts = []
+    for topic, schema in schemas().items():
+        parts.append(f"### `{topic}`\n\n```json\n{json.dumps(schema, indent=2, sort_keys=True)}\n```\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render_schemas(), end="")
