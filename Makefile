@@ -6,7 +6,7 @@ VENV := .venv
 AGENT_VENV := .venv-agent
 DEMO_OUT ?= demo-out
 
-.PHONY: help venv agent-venv demo test lint fmt clean mutation
+.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto
 
 help:
 	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
@@ -46,7 +46,15 @@ fmt: $(VENV)/.stamp
 # bundle with the export stage, then in the MXNet-free agent env on current numpy, against that bundle.
 TEST_BUNDLE := build/test-bundle
 TEST_RUNS := build/test-runs
-test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint
+# The MQTT tests start a real mosquitto on a loopback port: install Debian's when missing (as root, or
+# through sudo when there is one).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+mosquitto:
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients; } || \
+		{ echo "make test needs mosquitto: apt-get install -y mosquitto mosquitto-clients" >&2; exit 1; }
+
+test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
 		LINESIDE_EXPORT_TEST_RUNS_TO=$(CURDIR)/$(TEST_RUNS) $(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \

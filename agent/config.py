@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
+from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
 from lineside.agent.services.status_log import StatusLogConfig
 from lineside.agent.sinks import SinkConfig
@@ -98,6 +99,11 @@ class AgentConfig(StrictConfig):
     status_log: StatusLogConfig = Field(
         default_factory=StatusLogConfig, description="The periodic one-line status summary in the log."
     )
+    mqtt: MqttConfig | None = Field(
+        default=None,
+        description="MQTT to the PLC/SCADA (results through a durable outbox, status, events, metrics, "
+        "commands); none = no MQTT.",
+    )
 
     def problems(self, key: str = "") -> list[str]:
         """Every path problem of the file, by key path (see StrictConfig.problems)."""
@@ -106,6 +112,7 @@ class AgentConfig(StrictConfig):
             *self.inference.problems("inference"),
             *self.source.problems("source"),
             *(p for i, sink in enumerate(self.sinks) for p in sink.problems(f"sinks[{i}]")),
+            *(self.mqtt.problems("mqtt") if self.mqtt is not None else []),
         ]
 
     def queue_policy(self) -> QueuePolicy:

@@ -26,6 +26,12 @@ EVENT_KINDS = (
     "frame_dropped",  # a frame left the pipeline without a result (reason)
     "sink_failed",  # a sink raised on a result
     "service_failed",  # a service could not start or stopped with an error
+    "paused",  # inspection paused by a command
+    "resumed",  # inspection resumed
+    "triggered",  # the next frame was tagged with a part id and view
+    "mqtt_refused",  # the MQTT broker refused the connection (credentials, ACL)
+    "outbox_evicted",  # the MQTT outbox was full: oldest messages evicted undelivered (count)
+    "outbox_rejected",  # the broker refused messages in its acknowledgement (count, reason)
 )
 
 

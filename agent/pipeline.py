@@ -15,6 +15,9 @@ stage talks to the next through a queue only, so a stage could move to a process
 - `swap_inspector(new)` hands the inference thread a new engine; it takes it between two frames, so
   each frame is inspected by exactly one engine, and the caller may close the old one afterwards.
 - Errors, drops and sink failures are published to the event hub when one is given.
+- `pause()` / `resume()`: while paused, capture holds the frame it has (block policy: a hot folder's file
+  waits, nothing is dropped) or drops it counted as `paused` (drop_oldest: a live camera). `tag_next(part,
+  view)` sets the part id and view of the next captured frame (the PLC's trigger input).
 - One stop Event; every wait has a timeout. `stop()` joins capture, inference, dispatch in that order
   (reverse of start), releases frames still queued, then closes the source and the sinks.
 """
@@ -27,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -242,6 +246,8 @@ class Pipeline:
         self._predict_failures = Throttle()
         self._heartbeat = time.monotonic()
         self._stopped = False
+        self._paused = threading.Event()
+        self._next_tag: tuple[str, int | None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -306,6 +312,51 @@ class Pipeline:
             except Exception:
                 logger.exception("closing sink %s failed", sink.name)
 
+    def pause(self) -> bool:
+        """Stop taking frames in (see the module docstring); False when already paused."""
+        was = self._paused.is_set()
+        self._paused.set()
+        return not was
+
+    def resume(self) -> bool:
+        """Take frames in again; False when not paused."""
+        was = self._paused.is_set()
+        self._paused.clear()
+        return was
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def tag_next(self, part_id: str, view: int | None) -> None:
+        """Give the next captured frame this part id and view (replacing a tag not yet used)."""
+        with self._lock:
+            self._next_tag = (part_id, view)
+
+    def pending_tag(self) -> tuple[str, int | None] | None:
+        with self._lock:
+            return self._next_tag
+
+    def _hold_while_paused(self, frame: Frame) -> bool:
+        # Capture thread. True: go on with the frame; False: it was released (dropped or shutdown).
+        if not self._paused.is_set():
+            return True
+        if self.policy != "block":
+            self._release(frame, "paused")
+            return False
+        while self._paused.is_set():
+            if self.stop_event.wait(self.poll_s):
+                return True  # the caller's stop check releases it
+        return True
+
+    def _apply_tag(self, frame: Frame) -> Frame:
+        with self._lock:
+            tag, self._next_tag = self._next_tag, None
+        if tag is None:
+            return frame
+        part_id, view = tag
+        return replace(frame, part_id=part_id, view=view, meta={**frame.meta, "tagged_by": "trigger"})
+
     def last_progress(self) -> float:
         """Monotonic time the inference loop last went round (idle waits count): for a watchdog."""
         return self._heartbeat
@@ -351,6 +402,12 @@ class Pipeline:
         try:
             for frame in frames:
                 self._bump("frames_in")
+                if not self._hold_while_paused(frame):
+                    continue
+                if self.stop_event.is_set():
+                    self._release(frame, "shutdown")
+                    break
+                frame = self._apply_tag(frame)
                 if not self._enqueue(frame):
                     self._release(frame, "shutdown")
                     break

@@ -24,7 +24,15 @@ from types import FrameType
 from typing import Any, Protocol
 
 from lineside.agent.config import AgentConfig
-from lineside.agent.errors import EXIT_FAILURE, EXIT_OK, BundleError, InferenceError, SourceError
+from lineside.agent.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BundleError,
+    ConfigError,
+    InferenceError,
+    SourceError,
+)
 from lineside.agent.events import EventHub
 from lineside.agent.pipeline import Inspector, Pipeline
 from lineside.agent.services import PLUGINS as SERVICE_PLUGINS
@@ -81,6 +89,7 @@ class AgentStatus:
     started_at: datetime | None
     services: list[str] = field(default_factory=list)
     failure: str | None = None
+    paused: bool = False
 
 
 class Agent:
@@ -125,11 +134,17 @@ class Agent:
             if self.stop_event.is_set():
                 return  # stopped while the bundle loaded: nothing more to start
             self.source = create_source(self.config.source, station=self.config.station)
-            self.sinks = (
-                list(self._given_sinks)
-                if self._given_sinks is not None
-                else [create_sink(c) for c in self.config.sinks]
+            # Services are built (not started) before the pipeline: one may bring a sink of its own
+            # (MQTT's durable outbox), which must take results from the first frame on.
+            planned = (
+                self._given_services
+                if self._given_services is not None
+                else [s for plugin in SERVICE_PLUGINS if (s := plugin.from_agent(self)) is not None]
             )
+            self.sinks = [
+                *(self._given_sinks if self._given_sinks is not None else [create_sink(c) for c in self.config.sinks]),
+                *(sink for service in planned for sink in getattr(service, "sinks", list)()),
+            ]
             self.pipeline = Pipeline(
                 self.source,
                 self.engine,
@@ -141,11 +156,6 @@ class Agent:
                 join_timeout=self.config.stop_timeout_s / 4,
             )
             self.pipeline.start()
-            planned = (
-                self._given_services
-                if self._given_services is not None
-                else [s for plugin in SERVICE_PLUGINS if (s := plugin.from_agent(self)) is not None]
-            )
             for service in planned:
                 try:
                     service.start(self.stop_event)
@@ -225,6 +235,9 @@ class Agent:
             except (SourceError, OSError) as err:
                 logger.error("cannot start: %s", err)
                 return EXIT_FAILURE
+            except ConfigError as err:
+                logger.error("cannot start: %s%s", err, "".join(f"\n  {p}" for p in err.problems))
+                return EXIT_CONFIG
             self.wait()
         finally:
             self.stop()
@@ -271,6 +284,30 @@ class Agent:
             bundle_id=new_engine.manifest.bundle_id,
         )
 
+    def pause(self) -> bool:
+        """Pause inspection (a hot folder's files wait, a camera's frames are dropped as `paused`).
+        False when already paused or not running."""
+        pipeline = self.pipeline
+        changed = pipeline is not None and pipeline.pause()
+        if changed:
+            self.events.publish("paused", f"station {self.config.station} paused")
+        return changed
+
+    def resume(self) -> bool:
+        """Resume inspection; False when not paused."""
+        pipeline = self.pipeline
+        changed = pipeline is not None and pipeline.resume()
+        if changed:
+            self.events.publish("resumed", f"station {self.config.station} resumed")
+        return changed
+
+    def tag_next(self, part_id: str, view: int | None = None) -> None:
+        """The next captured frame belongs to part `part_id`, view `view` (the PLC trigger input)."""
+        if self.pipeline is None:
+            raise RuntimeError("the pipeline is not running")
+        self.pipeline.tag_next(part_id, view)
+        self.events.publish("triggered", f"next frame: part {part_id} view {view}", part_id=part_id, view=view)
+
     def status(self) -> AgentStatus:
         """One consistent snapshot of state, bundle, providers, counters and progress."""
         with self._lock:
@@ -290,6 +327,7 @@ class Agent:
             started_at=self._started_at,
             services=services,
             failure=failure,
+            paused=pipeline.paused if pipeline is not None else False,
         )
 
     def _set_state(self, state: AgentState) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +192,212 @@ def bombs() -> dict[str, bytes]:
     found = {"png": _png_bomb(), "jpeg": _array_bomb(".jpg"), "tiff": _array_bomb(".tif")}
     assert all(len(data) < 1_000_000 for data in found.values()), {k: len(v) for k, v in found.items()}
     return found
+
+
+# -- a real MQTT broker (Debian's mosquitto) ---------------------------------------------------------
+
+
+# Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin") or "mosquitto"
+
+
+class Mosquitto:
+    """A mosquitto process on a loopback port with a config file this class writes.
+
+    mosquitto cannot take over a socket bound by someone else (no socket activation), so a port is
+    chosen by binding port 0 and the broker then binds it itself; should another process take the port
+    in between, mosquitto exits with "Address already in use" and `start` tries a new port (never a
+    silent wrong broker). Restarts keep the port, so clients reconnect to the same address. Persistence
+    is on: a subscriber's session and its queued QoS 1 messages survive a broker restart, as on a line.
+    """
+
+    def __init__(self, folder: Path, *, extra_conf: str = "") -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.extra_conf = extra_conf
+        self.port = 0
+        self.proc: Any = None
+        self.log = folder / "mosquitto.log"
+
+    @staticmethod
+    def _free_port() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    def _write_conf(self) -> Path:
+        conf = self.folder / "mosquitto.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    # As root, mosquitto drops to the `mosquitto` user, who cannot write into the test's folders.
+                    "user root" if os.geteuid() == 0 else "",
+                    "allow_anonymous true" if "allow_anonymous" not in self.extra_conf else "",
+                    "persistence true",
+                    f"persistence_location {self.folder}/",
+                    f"log_dest file {self.log}",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_type information",
+                    "log_timestamp false",
+                    self.extra_conf,
+                    "",
+                ]
+            ),
+            encoding="utf-8",
+        )
+        return conf
+
+    def start(self, timeout: float = 30.0) -> Mosquitto:
+        """Start (or restart on the same port) and wait until it accepts connections."""
+        import subprocess
+        import time
+
+        for _ in range(5):
+            if not self.port:
+                self.port = self._free_port()
+            offset = self.log.stat().st_size if self.log.exists() else 0
+            conf = self._write_conf()
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                text = self.log.read_text(errors="replace")[offset:] if self.log.exists() else ""
+                if self.proc.poll() is not None:
+                    if "Address already in use" in text:
+                        time.sleep(0.2)
+                        break  # someone else has the port: try again (a new one when it was never ours)
+                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{text}")
+                if f"listen socket on port {self.port}" in text:
+                    return self
+                time.sleep(0.02)
+            else:
+                self.proc.kill()
+                raise RuntimeError(f"mosquitto did not open port {self.port} within {timeout:.0f} s")
+        raise RuntimeError("mosquitto could not bind a port after 5 tries")
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM): the broker saves its persistence file."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Starts real mosquitto brokers: `mosquitto(extra_conf="...")`; all are stopped when the test ends."""
+    if not Path(MOSQUITTO).is_file():
+        pytest.fail("mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients; make test does it)")
+    started: list[Mosquitto] = []
+
+    def start(extra_conf: str = "", name: str = "broker") -> Mosquitto:
+        broker = Mosquitto(tmp_path / name, extra_conf=extra_conf)
+        started.append(broker.start())
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+class Plc:
+    """A subscriber acting as the line's PLC: a persistent session (QoS 1, clean_session false) on
+    `<prefix>/#`, recording every message in arrival order; it also sends commands."""
+
+    def __init__(
+        self,
+        port: int,
+        prefix: str,
+        *,
+        client_id: str = "plc",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.prefix = prefix
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+
+        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+            client.subscribe(f"{prefix}/#", qos=1)
+
+        def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, properties: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            with self._lock:
+                self.messages.append((message.topic, message.payload, bool(message.retain)))
+                self.last_properties = message.properties
+
+        self.client.on_connect = on_connect
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = 3600  # the session (and its queued messages) outlives a broker restart
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=connect_props)
+        self.client.loop_start()
+        if not self.subscribed.wait(15):
+            raise RuntimeError("the PLC subscriber could not subscribe")
+
+    def on(self, name: str) -> list[bytes]:
+        """Payloads received on `<prefix>/<name>`, in arrival order."""
+        topic = f"{self.prefix}/{name}"
+        with self._lock:
+            return [payload for t, payload, _ in self.messages if t == topic]
+
+    def json_on(self, name: str) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(p) for p in self.on(name)]
+
+    def result_ids(self) -> list[str]:
+        """Result ids in order of first arrival (the PLC de-duplicates redeliveries on them)."""
+        seen: dict[str, None] = {}
+        for item in self.json_on("result"):
+            seen.setdefault(item["result_id"], None)
+        return list(seen)
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.02)
+
+    def send(self, command: str, payload: bytes | str, properties: Any = None) -> None:
+        self.client.publish(f"{self.prefix}/cmd/{command}", payload, qos=1, properties=properties)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def plc() -> Iterator[Callable[..., Plc]]:
+    """`plc(port, prefix)` -> a subscribed Plc; disconnected when the test ends."""
+    made: list[Plc] = []
+
+    def make(port: int, prefix: str, **kwargs: Any) -> Plc:
+        made.append(Plc(port, prefix, **kwargs))
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.close()

@@ -3,10 +3,11 @@ config section in `AgentConfig`."""
 
 from __future__ import annotations
 
+from lineside.agent.mqtt.service import MqttService
 from lineside.agent.services.base import Service, ServicePlugin
 from lineside.agent.services.status_log import StatusLogConfig, StatusLogService
 
 # Started in this order, closed in reverse.
-PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService,)
+PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService)
 
-__all__ = ["PLUGINS", "Service", "ServicePlugin", "StatusLogConfig", "StatusLogService"]
+__all__ = ["PLUGINS", "MqttService", "Service", "ServicePlugin", "StatusLogConfig", "StatusLogService"]

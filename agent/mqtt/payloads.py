@@ -1,0 +1,133 @@
+"""Every MQTT payload as a pydantic model: what the agent publishes and the commands it accepts.
+
+`docs/mqtt.md` carries the JSON Schema of each (`schemas()`); a test checks the document is current.
+The `result` topic carries `InspectionResult` exactly as the JSON-lines sink writes it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lineside.agent.results import InspectionResult
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatusPayload(_Payload):
+    """`<prefix>/status`, retained: online on every (re)connect, offline as the last will, stopped on a clean stop."""
+
+    state: Literal["online", "offline", "stopped"] = Field(description="Connection state of the agent.")
+    station: str = Field(description="Station name from the agent config.")
+    agent_version: str | None = Field(default=None, description="Version of the lineside package.")
+    agent_state: str | None = Field(default=None, description="The agent's own state (running, stopping...).")
+    bundle_id: str | None = Field(default=None, description="Id of the model bundle served.")
+    bundle_version: str | None = Field(default=None, description="Version of the model bundle served.")
+    providers: list[str] = Field(default_factory=list, description="ONNX Runtime providers in use.")
+    paused: bool | None = Field(default=None, description="True while inspection is paused by a command.")
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC), description="When this status was made (UTC).")
+
+
+class EventPayload(_Payload):
+    """`<prefix>/event`: errors, drops, bundle changes, pause/resume, outbox evictions (kind + fields)."""
+
+    kind: str = Field(description="Event kind, e.g. frame_error, frame_dropped, bundle_changed, outbox_evicted.")
+    message: str = Field(description="Human-readable sentence.")
+    station: str = Field(description="Station name.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Structured fields of the event.")
+    at: datetime = Field(description="When the event happened (UTC).")
+
+
+class OutboxStats(_Payload):
+    """The outbox as seen in `metrics`."""
+
+    depth: int = Field(description="Messages waiting for a broker acknowledgement.")
+    bytes: int = Field(description="Payload bytes waiting.")
+    evicted: int = Field(default=0, description="Messages evicted because the outbox was full or too old (ever).")
+    rejected: int = Field(default=0, description="Messages the broker refused in its acknowledgement (ever).")
+
+
+class MetricsPayload(_Payload):
+    """`<prefix>/metrics`, retained, every `metrics_interval_s`: the pipeline's counters and latencies."""
+
+    station: str = Field(description="Station name.")
+    at: datetime = Field(description="When the snapshot was taken (UTC).")
+    state: str = Field(description="The agent's state.")
+    paused: bool = Field(description="True while inspection is paused.")
+    counters: dict[str, Any] = Field(
+        description="Pipeline counters: frames_in, results_out, errors, drops_by_reason, queue_depth, latency_ms "
+        "(per stage: count, mean, p50, p95, max in ms), source counters."
+    )
+    outbox: OutboxStats = Field(description="The durable outbox.")
+    mqtt: dict[str, int] = Field(description="Connection counters: connects, disconnects, refused, published.")
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+class _Command(_Payload):
+    request_id: str | None = Field(
+        default=None, max_length=128, description="Echoed in the reply, to match replies to requests."
+    )
+
+
+class EmptyCommand(_Command):
+    """`cmd/pause`, `cmd/resume`, `cmd/status`: no arguments (an empty payload or `{}`)."""
+
+
+class TriggerCommand(_Command):
+    """`cmd/trigger`: the part serial and view of the next frame (the PLC trigger input)."""
+
+    part_id: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$", description="Part serial of the next frame."
+    )
+    view: int | None = Field(default=None, ge=0, le=1000, description="View number of the next frame.")
+
+
+class CommandReply(_Payload):
+    """`<prefix>/cmd/<name>/reply` (and the MQTT 5 response topic, with the correlation data, when given)."""
+
+    command: str = Field(description="The command name from the topic.")
+    ok: bool = Field(description="True when the command was carried out.")
+    request_id: str | None = Field(default=None, description="The request's request_id, when it had a valid one.")
+    error: str | None = Field(default=None, description="Why the command was refused (validation error...).")
+    result: dict[str, Any] = Field(default_factory=dict, description="What the command returns (e.g. the status).")
+
+
+COMMAND_MODELS: dict[str, type[_Command]] = {
+    "pause": EmptyCommand,
+    "resume": EmptyCommand,
+    "status": EmptyCommand,
+    "trigger": TriggerCommand,
+}
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """Topic (under the prefix) -> JSON Schema of its payload."""
+    return {
+        "status": StatusPayload.model_json_schema(),
+        "result": InspectionResult.model_json_schema(),
+        "event": EventPayload.model_json_schema(),
+        "metrics": MetricsPayload.model_json_schema(),
+        "cmd/pause, cmd/resume, cmd/status": EmptyCommand.model_json_schema(),
+        "cmd/trigger": TriggerCommand.model_json_schema(),
+        "cmd/<name>/reply": CommandReply.model_json_schema(),
+    }
+
+
+def render_schemas() -> str:
+    """The JSON Schema section of docs/mqtt.md (between its schema markers); a test keeps the two equal."""
+    import json
+
+    parts = []
+    for topic, schema in schemas().items():
+        parts.append(f"### `{topic}`\n\n```json\n{json.dumps(schema, indent=2, sort_keys=True)}\n```\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render_schemas(), end="")

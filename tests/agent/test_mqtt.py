@@ -1,0 +1,376 @@
+"""MQTT against a real mosquitto broker, with a subscriber acting as the PLC: results through the durable
+outbox (in order, nothing lost across a broker outage), status with its last will, events, metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lineside.agent.config import AgentConfig, parse_config
+from lineside.agent.mqtt.outbox import Outbox
+from lineside.agent.runtime import Agent
+
+PREFIX = "lineside/plant-1/line-3/cell-07"
+
+
+@pytest.fixture
+def images(tmp_path: Path, put_png: Callable[..., Path]) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        put_png(folder / f"img{i}.png", value=20 * i + 10)
+    return folder
+
+
+def mqtt_config(tmp_path: Path, images: Path, port: int, *, source: dict[str, Any], **mqtt: Any) -> AgentConfig:
+    return parse_config(
+        {
+            "station": "cell-07",
+            "bundle": {"path": str(images)},  # not read: the tests give their own engine
+            "source": {"kind": "replay", "path": str(images), **source},
+            "sinks": [{"kind": "jsonl", "path": str(tmp_path / "results.jsonl")}],
+            "status_log": {"interval_s": 0},
+            "mqtt": {
+                "port": port,
+                "topic_prefix": PREFIX,
+                "outbox": {"path": str(tmp_path / "outbox.sqlite"), "synchronous": "normal"},
+                "reconnect_min_s": 1,
+                "reconnect_max_s": 1,
+                "metrics_interval_s": 0,
+                **mqtt,
+            },
+        }
+    )
+
+
+@pytest.fixture
+def run_agent(make_inspector: Callable) -> Iterator[Callable[[AgentConfig], Agent]]:
+    """Starts agents in-process with a recording engine; stops them when the test ends."""
+    agents: list[Agent] = []
+
+    def start(config: AgentConfig) -> Agent:
+        agent = Agent(config, engine_loader=lambda c: make_inspector())
+        agents.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+def jsonl_ids(path: Path) -> list[str]:
+    return [json.loads(line)["result_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def outbox_depth(tmp_path: Path) -> int:
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    try:
+        return outbox.depth()
+    finally:
+        outbox.close()
+
+
+def test_results_reach_the_plc_as_the_jsonl_sink_writes_them_and_status_goes_online_then_stopped(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given a broker, a PLC subscribed to the station's topics and an agent replaying 12 frames
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "max_frames": 12}))
+
+    # when the frames have been inspected and the agent stops cleanly
+    line.wait_for(lambda: len(line.result_ids()) == 12, "12 results")
+    agent.wait()
+    agent.stop()
+    line.wait_for(lambda: any(s["state"] == "stopped" for s in line.json_on("status")), "status stopped")
+
+    # then every result arrived once, byte for byte what the JSON-lines sink wrote, in the same order
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [p.decode() for p in line.on("result")] == lines
+    # and status went online (with the bundle) then stopped, retained, and the outbox is empty
+    states = line.json_on("status")
+    assert states[0]["state"] == "online" and states[0]["bundle_version"] == "2026.01.01-1"
+    assert states[-1]["state"] == "stopped"
+    assert outbox_depth(tmp_path) == 0
+    # and the agent's start went out as an event
+    assert "started" in [e["kind"] for e in line.json_on("event")]
+
+
+def test_broker_stopped_while_frames_flow_and_restarted_every_result_arrives_in_order_zero_lost(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent streaming 90 frames at 30 Hz to a broker the PLC is subscribed to
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 30, "max_frames": 90})
+    )
+    line.wait_for(lambda: len(line.result_ids()) >= 10, "the first results")
+
+    # when the broker stops while frames flow, results pile up in the outbox, and the broker comes back
+    broker.stop()
+    produced = len(jsonl_ids(tmp_path / "results.jsonl"))
+    line.wait_for(lambda: len(jsonl_ids(tmp_path / "results.jsonl")) >= produced + 15, "results during the outage")
+    assert agent.status().counters["acks"]["ok"] >= produced + 15  # frames went on being acknowledged
+    broker.start()
+    agent.wait()
+
+    # then every result arrives, in the order the agent made them, and none is missing
+    expected = jsonl_ids(tmp_path / "results.jsonl")
+    assert len(expected) == 90
+    line.wait_for(lambda: len(line.result_ids()) == 90, "all 90 results after the outage", timeout=90)
+    assert line.result_ids() == expected
+    lost = set(expected) - set(line.result_ids())
+    assert lost == set()
+    # and the status went online again after the reconnect
+    assert [s["state"] for s in line.json_on("status")].count("online") >= 2
+
+
+def reply_to(line: Any, command: str, count: int = 1) -> dict[str, Any]:
+    line.wait_for(lambda: len(line.on(f"cmd/{command}/reply")) >= count, f"reply {count} to {command}")
+    return line.json_on(f"cmd/{command}/reply")[count - 1]
+
+
+def test_commands_pause_resume_status_and_trigger_reply_and_act(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent replaying a looping stream at 20 Hz, connected to the PLC's broker
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 20}))
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+
+    # when the PLC pauses the station
+    line.send("pause", b'{"request_id": "p-1"}')
+    reply = reply_to(line, "pause")
+    # then the reply says ok, the agent is paused and says so in events and in the status reply
+    assert reply == {"command": "pause", "ok": True, "request_id": "p-1", "error": None, "result": reply["result"]}
+    assert agent.status().paused
+    line.send("status", b"")
+    assert reply_to(line, "status")["result"]["paused"] is True
+    line.wait_for(lambda: "paused" in [e["kind"] for e in line.json_on("event")], "the paused event")
+
+    # when it triggers the next frame with a part serial and view, and resumes
+    line.send("trigger", json.dumps({"part_id": "W-000123", "view": 2}))
+    assert reply_to(line, "trigger")["ok"] is True
+    line.send("resume", b"{}")
+    assert reply_to(line, "resume")["ok"] is True
+
+    # then the next result carries the part serial and view, exactly once
+    line.wait_for(lambda: any(r["part_id"] == "W-000123" for r in line.json_on("result")), "the tagged result")
+    tagged = [r for r in line.json_on("result") if r["part_id"] == "W-000123"]
+    assert len(tagged) == 1 and tagged[0]["view"] == 2 and tagged[0]["meta"]["tagged_by"] == "trigger"
+    assert not agent.status().paused
+
+
+def test_a_command_with_an_mqtt5_response_topic_gets_its_reply_there_with_the_correlation_data(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    # given a connected agent
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}))
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+
+    # when a status command names a response topic and correlation data
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = f"{PREFIX}/replies/scada-1"
+    props.CorrelationData = b"corr-42"
+    line.send("status", b"{}", properties=props)
+
+    # then the reply arrives there too, with the correlation data
+    line.wait_for(lambda: len(line.on("replies/scada-1")) == 1, "the reply on the response topic")
+    assert json.loads(line.on("replies/scada-1")[0])["ok"] is True
+    assert line.last_properties.CorrelationData == b"corr-42"
+
+
+BAD_COMMANDS = [
+    ("pause", b"{not json", "not valid JSON"),
+    ("pause", b"[1, 2]", "must be a JSON object"),
+    ("trigger", b"{}", "part_id"),
+    ("trigger", b'{"part_id": "A 1; DROP"}', "part_id"),
+    ("trigger", b'{"part_id": "W1", "view": -3}', "view"),
+    ("trigger", b'{"part_id": "W1", "view": "two"}', "view"),
+    ("pause", b'{"unknown": 1}', "unknown"),
+    ("reboot", b"{}", "unknown command"),
+    ("pause", b'{"request_id": "' + b"x" * 5000 + b'"}', "over the limit"),
+    ("pause", b"\xff\xfe", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("command", "payload", "error"), BAD_COMMANDS)
+def test_an_invalid_command_gets_an_error_reply_and_changes_nothing(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    command: str,
+    payload: bytes,
+    error: str,
+) -> None:
+    # given a running agent, not paused, no trigger pending
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}))
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+
+    # when the PLC sends an invalid command
+    line.send(command, payload)
+
+    # then it gets an error reply naming the problem, and the agent's state did not change
+    reply = reply_to(line, command)
+    assert reply["ok"] is False and error in reply["error"]
+    assert not agent.status().paused and agent.pipeline.pending_tag() is None
+
+
+def test_a_switched_off_command_is_refused(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent whose config allows only status
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(
+            tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}, commands={"enabled": ["status"]}
+        )
+    )
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+    # when the PLC sends pause, then it is refused and nothing changes
+    line.send("pause", b"{}")
+    assert "switched off" in reply_to(line, "pause")["error"]
+    assert not agent.status().paused
+
+
+def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_change_it_when_invalid(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from lineside.agent.mqtt.payloads import COMMAND_MODELS
+
+    # given one running agent and broker for every example
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}))
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=10,
+    )
+    payloads = st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
+    invalid_fields = st.dictionaries(
+        st.sampled_from(["part_id", "view", "request_id", "x"]), json_values, min_size=1, max_size=3
+    ).map(lambda d: json.dumps(d).encode())
+    sent = {"n": 0}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(command=st.sampled_from([*COMMAND_MODELS, "nope"]), payload=payloads | invalid_fields)
+    def throw(command: str, payload: bytes) -> None:
+        if command in ("pause", "resume", "trigger"):
+            return  # valid ones of these change state on purpose; they are covered by the tests above
+        before = (agent.status().paused, agent.pipeline.pending_tag())
+        replies = len(line.on(f"cmd/{command}/reply"))
+        line.send(command, payload)
+        reply = reply_to(line, command, replies + 1)
+        sent["n"] += 1
+        # then a reply always comes, and state is unchanged (status and unknown commands change nothing)
+        assert (agent.status().paused, agent.pipeline.pending_tag()) == before
+        assert reply["ok"] is (command == "status" and reply["error"] is None)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(command=st.sampled_from(["pause", "resume", "trigger"]), payload=payloads | invalid_fields)
+    def throw_at_stateful(command: str, payload: bytes) -> None:
+        model = COMMAND_MODELS[command]
+        try:
+            valid = model.model_validate_json(payload or b"{}") is not None and len(payload) <= 4096
+        except ValueError:
+            valid = False
+        if valid:
+            return  # a valid command is meant to act
+        before = (agent.status().paused, agent.pipeline.pending_tag())
+        replies = len(line.on(f"cmd/{command}/reply"))
+        line.send(command, payload)
+        reply = reply_to(line, command, replies + 1)
+        sent["n"] += 1
+        assert reply["ok"] is False and reply["error"]
+        assert (agent.status().paused, agent.pipeline.pending_tag()) == before
+
+    # when hypothesis throws arbitrary payloads at every command topic
+    throw()
+    throw_at_stateful()
+
+    # then the agent still runs and still answers
+    assert sent["n"] > 20
+    assert agent.status().state == "running"
+    replies = len(line.on("cmd/status/reply"))
+    line.send("status", b"")
+    assert reply_to(line, "status", replies + 1)["ok"] is True
+
+
+def test_username_and_password_from_the_credential_reach_the_broker_and_a_wrong_one_is_refused_without_a_crash(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    from lineside.agent.events import Event
+
+    # given a broker that accepts only known users, and a PLC logged in as itself
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "cell-07", "s3cret"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwords), "plc", "plc-pass"], check=True)
+    broker = mosquitto(extra_conf=f"allow_anonymous false\npassword_file {passwords}\n")
+    line = plc(broker.port, PREFIX, username="plc", password="plc-pass")
+
+    # when an agent connects with a wrong password (the credential, never the YAML)
+    monkeypatch.setenv("LINESIDE_MQTT_PASSWORD", "wrong")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = mqtt_config(tmp_path, images, broker.port, source={"max_frames": 3}, username="cell-07")
+    refused: list[Event] = []
+    wrong = run_agent(config)
+    wrong.events.subscribe(lambda e: refused.append(e) if e.kind == "mqtt_refused" else None)
+    line.wait_for(lambda: len(refused) >= 1, "the refusal reported as an event")
+    wrong.wait()
+
+    # then the agent keeps running and keeps its results in the outbox (nothing published, nothing lost)
+    assert wrong.status().state == "running"
+    assert line.on("result") == []
+    wrong.stop()
+    assert outbox_depth(tmp_path) >= 3
+
+    # when it restarts with the right password, then the backlog arrives
+    monkeypatch.setenv("LINESIDE_MQTT_PASSWORD", "s3cret")
+    run_agent(config)
+    line.wait_for(lambda: len(line.result_ids()) == 3, "the 3 results after the right password")
+
+
+def test_a_missing_tls_file_is_a_config_error_naming_the_key(
+    tmp_path: Path, images: Path, make_inspector: Callable
+) -> None:
+    # given an mqtt section whose CA file does not exist
+    config = mqtt_config(tmp_path, images, 8883, source={}, tls={"ca_file": str(tmp_path / "nope" / "ca.pem")})
+
+    # when the paths are checked, and when the agent runs anyway
+    problems = config.problems()
+    engine = make_inspector()
+    code = Agent(config, engine_loader=lambda c: engine).run()
+
+    # then check-config names the key, and the agent exits 78 (configuration) before serving anything
+    assert any(p.startswith("mqtt.tls.ca_file: ") and "does not exist" in p for p in problems)
+    assert code == 78
+    assert engine.calls == [] and engine.closed
