@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from lineside.agent.errors import SourceError
-from lineside.agent.results import Frame
+from lineside.agent.results import Frame, FrameError
 from lineside.agent.sources import FolderSourceConfig, create_source
-from lineside.agent.sources.folder import LEDGER_NAME, FolderSource
+from lineside.agent.sources.folder import LEDGER_NAME, FolderSource, Ledger, LedgerEntry
 
 
 def make_source(hot: Path, **overrides: object) -> FolderSource:
@@ -533,3 +535,275 @@ def test_the_ledger_entry_is_fsynced_before_the_file_moves(
     ledger = str((source.state_dir / LEDGER_NAME).resolve())
     assert f"fsync:{ledger}" in order
     assert order.index(f"fsync:{ledger}") < order.index("move")
+
+
+# -- what mutation testing showed untested ---------------------------------------------------------
+
+
+def test_documented_defaults_and_bounds_of_the_folder_config(hot: Path) -> None:
+    # given the minimal section (the README and the sample config quote these defaults)
+    config = FolderSourceConfig(kind="folder", path=hot)
+
+    # then
+    assert (config.settle_seconds, config.poll_interval, config.retry_seconds) == (2.0, 0.5, 10.0)
+    assert config.patterns == ["*.png", "*.tif", "*.tiff", "*.jpg", "*.jpeg"]
+    assert (config.done_dir, config.failed_dir, config.state_dir) == (hot / "done", hot / "failed", hot / ".lineside")
+    assert config.sidecar and not config.sidecar_required
+    assert FolderSourceConfig(kind="folder", path=hot, settle_seconds=0, retry_seconds=0).settle_seconds == 0
+    for bad in ({"settle_seconds": -1}, {"retry_seconds": -0.5}, {"poll_interval": 0}, {"patterns": []}):
+        with pytest.raises(ValidationError):
+            FolderSourceConfig(kind="folder", path=hot, **bad)
+
+
+@pytest.mark.parametrize(
+    ("regex", "problem"),
+    [
+        ("(unclosed", "not a valid regular expression"),
+        (r"^\w+", "expected named groups"),
+        (r"(?P<serial>\w+)", "serial"),
+    ],
+)
+def test_a_part_id_regex_must_compile_and_name_only_part_and_view(hot: Path, regex: str, problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        FolderSourceConfig(kind="folder", path=hot, part_id_regex=regex)
+
+
+def test_a_regex_with_only_a_part_group_gives_no_view(hot: Path, put_png: Callable[..., Path]) -> None:
+    put_png(hot / "CAST7.png")
+    runner = Runner(make_source(hot, part_id_regex=r"^(?P<part>[A-Z]+\d+)"))
+    try:
+        (frame,) = runner.take(1)
+        assert (frame.part_id, frame.view, frame.error) == ("CAST7", None, None)
+    finally:
+        runner.close()
+
+
+def test_sidecar_values_are_normalised_to_text_part_ids_and_integer_views(
+    hot: Path, put_png: Callable[..., Path]
+) -> None:
+    # given a sidecar written by a PLC gateway with a numeric serial and a textual view
+    put_png(hot / "x.png")
+    (hot / "x.png.json").write_text(json.dumps({"part_id": 123456, "view": "4"}))
+    runner = Runner(make_source(hot))
+    try:
+        (frame,) = runner.take(1)
+        assert (frame.part_id, frame.view) == ("123456", 4)
+    finally:
+        runner.close()
+
+
+def test_a_sidecar_that_is_not_an_object_is_an_error_frame(hot: Path, put_png: Callable[..., Path]) -> None:
+    put_png(hot / "x.png")
+    (hot / "x.json").write_text("[1, 2]")
+    runner = Runner(make_source(hot))
+    try:
+        (frame,) = runner.take(1)
+        assert frame.error is not None and frame.error.code == "bad_sidecar" and "JSON object" in frame.error.message
+    finally:
+        runner.close()
+
+
+def test_with_sidecars_required_only_images_that_have_one_are_taken(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given two images, the first (by name and age) without its sidecar yet
+    now = time.time()
+    for age, name in enumerate(["a.png", "b.png"]):
+        os.utime(put_png(hot / name), (now - 10 + age, now - 10 + age))
+    (hot / "b.json").write_text(json.dumps({"part_id": "P2"}))
+    runner = Runner(make_source(hot, sidecar_required=True))
+    try:
+        # when / then: b is taken, a waits for its sidecar
+        (frame,) = runner.take(1)
+        assert frame.frame_id == "b.png" and runner.nothing_within(0.2)
+        (hot / "a.json").write_text(json.dumps({"part_id": "P1"}))
+        (later,) = runner.take(1)
+        assert (later.frame_id, later.part_id) == ("a.png", "P1")
+    finally:
+        runner.close()
+
+
+def test_oldest_first_goes_by_modification_time_not_by_size(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given the oldest file also the largest
+    now = time.time()
+    for age, (name, side) in enumerate([("z.png", 96), ("y.png", 48), ("x.png", 16)]):
+        os.utime(put_png(hot / name, height=side, width=side), (now - 100 + age, now - 100 + age))
+    runner = Runner(make_source(hot))
+    try:
+        assert [f.frame_id for f in runner.take(3)] == ["z.png", "y.png", "x.png"]
+    finally:
+        runner.close()
+
+
+def test_a_file_rewritten_smaller_while_settling_waits_again(hot: Path, make_png: Callable[..., bytes]) -> None:
+    # given a file that is replaced by a shorter one before it settled
+    runner = Runner(make_source(hot, settle_seconds=0.6))
+    try:
+        (hot / "part.png").write_bytes(make_png(96, 96, value=3) + bytes(5000))
+        assert runner.nothing_within(0.4)
+        (hot / "part.png").write_bytes(make_png(32, 32, value=9))
+
+        # then the settle time starts over from the rewrite
+        assert runner.nothing_within(0.35)
+        (frame,) = runner.take(1)
+        assert frame.image is not None and frame.image.shape == (32, 32)
+    finally:
+        runner.close()
+
+
+def test_a_released_frame_waits_its_retry_time(hot: Path, put_png: Callable[..., Path]) -> None:
+    put_png(hot / "a.png")
+    source = make_source(hot, retry_seconds=60)
+    runner = Runner(source)
+    try:
+        (frame,) = runner.take(1)
+        source.release(frame)
+        assert runner.nothing_within(0.3)
+    finally:
+        runner.close()
+
+
+def test_a_failure_without_a_reason_is_recorded_as_failed(hot: Path, put_png: Callable[..., Path]) -> None:
+    put_png(hot / "a.png")
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=False)
+        report = json.loads((source.failed_dir / "a.png.error.json").read_text())
+        assert (report["code"], report["message"]) == ("failed", "no reason given")
+        entry = json.loads((source.state_dir / LEDGER_NAME).read_text().splitlines()[-1])
+        assert (entry["ok"], entry["code"]) == (False, "failed")
+    finally:
+        runner.close()
+
+
+def test_an_ok_ack_records_no_reason_even_if_one_is_given(hot: Path, put_png: Callable[..., Path]) -> None:
+    put_png(hot / "a.png")
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=True, reason=FrameError("x", "stale reason"))
+        entry = json.loads((source.state_dir / LEDGER_NAME).read_text().splitlines()[-1])
+        assert (entry["ok"], entry["code"], entry["message"]) == (True, None, None)
+    finally:
+        runner.close()
+
+
+def test_the_same_failing_bytes_twice_keep_two_places_in_failed(hot: Path) -> None:
+    # given one undecodable file, failed once
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        (hot / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        (frame,) = runner.take(1)
+        source.ack(frame, ok=False, reason=frame.error)
+
+        # when the very same bytes arrive again under the same name (same key: the same file, so it is
+        # not inspected again)
+        (hot / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        deadline = time.monotonic() + 10
+        while (hot / "bad.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+        # then it was moved beside the first, under a name derived from its key, with its own report
+        assert runner.nothing_within(0.1) and source.snapshot()["recovered"] == 1
+        names = {p.name for p in source.failed_dir.iterdir()}
+        renamed = [n for n in names if re.fullmatch(r"bad\.[0-9a-f]{12}\.png", n)]
+        assert len(renamed) == 1
+        assert names == {"bad.png", "bad.png.error.json", renamed[0], renamed[0] + ".error.json"}
+        assert json.loads((source.failed_dir / f"{renamed[0]}.error.json").read_text())["code"] == "decode_failed"
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("sidecar", ["P1.json", "P1.png.json"])
+def test_a_renamed_file_takes_its_sidecar_along_under_the_matching_name(
+    hot: Path, put_png: Callable[..., Path], sidecar: str
+) -> None:
+    # given done/ already holds a P1.png, and a new P1.png arrives with a sidecar
+    source = make_source(hot)
+    runner = Runner(source)
+    try:
+        put_png(hot / "P1.png", value=1)
+        (first,) = runner.take(1)
+        source.ack(first, ok=True)
+        put_png(hot / "P1.png", value=2)
+        (hot / sidecar).write_text(json.dumps({"part_id": "S2"}))
+        (second,) = runner.take(1)
+        source.ack(second, ok=True)
+
+        # then the sidecar follows the new name in the sidecar's own style
+        renamed = next(p for p in source.done_dir.glob("P1.*.png"))
+        expected = f"{renamed.name}.json" if sidecar == "P1.png.json" else f"{renamed.stem}.json"
+        assert (source.done_dir / expected).is_file()
+    finally:
+        runner.close()
+
+
+def test_a_compacted_ledger_keeps_the_newest_entries(hot: Path) -> None:
+    # given a ledger of five entries, one unreadable line of each kind, and a limit of three
+    state = hot / ".lineside"
+    state.mkdir()
+    lines = [json.dumps({"key": f"k{i}", "result_id": f"r{i}", "ok": True}) for i in range(5)]
+    lines[1:1] = ["{not json", json.dumps({"result_id": "no key"}), json.dumps(["a", "list"])]
+    (state / LEDGER_NAME).write_text("\n".join(lines) + "\n")
+
+    # when it is opened
+    ledger = Ledger(state / LEDGER_NAME, keep=3)
+    ledger.close()
+
+    # then the three newest survive, in the file too
+    assert list(ledger.entries) == ["k2", "k3", "k4"]
+    assert [json.loads(line)["key"] for line in (state / LEDGER_NAME).read_text().splitlines()] == ["k2", "k3", "k4"]
+
+
+def test_a_ledger_within_its_limit_is_not_rewritten(hot: Path) -> None:
+    state = hot / ".lineside"
+    state.mkdir()
+    text = json.dumps({"key": "k", "result_id": "r", "ok": False, "code": "x", "message": "y"}) + "\n"
+    (state / LEDGER_NAME).write_text(text)
+    ledger = Ledger(state / LEDGER_NAME, keep=3)
+    ledger.close()
+    assert (state / LEDGER_NAME).read_text() == text
+    assert ledger.get("k") == LedgerEntry("k", "r", False, "x", "y")
+
+
+def test_folders_are_made_with_their_parents_and_a_blocked_one_is_a_source_error(hot: Path, tmp_path: Path) -> None:
+    # given done/ two levels below a missing folder, and failed/ below a file
+    deep = tmp_path / "out" / "line-3" / "done"
+    make_source(hot, done_dir=deep).start(threading.Event())
+    assert deep.is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    source = make_source(hot, failed_dir=blocker / "failed")
+
+    # when / then
+    with pytest.raises(SourceError, match="cannot prepare folders"):
+        source.start(threading.Event())
+
+
+def test_close_before_start_is_safe(hot: Path) -> None:
+    source = make_source(hot)
+    source.close()
+    source.close()
+
+
+def test_a_hot_folder_that_vanishes_is_polled_until_it_comes_back(hot: Path, put_png: Callable[..., Path]) -> None:
+    # given a running source whose hot folder disappears (a network share unmounted)
+    out = hot.parent
+    source = make_source(hot, state_dir=out / "state", done_dir=out / "done", failed_dir=out / "failed")
+    runner = Runner(source)
+    try:
+        hot.rmdir()
+        time.sleep(0.1)
+
+        # when it comes back with a file
+        hot.mkdir()
+        put_png(hot / "back.png")
+
+        # then the source survived, counted the failed scans, and delivers
+        (frame,) = runner.take(1)
+        assert frame.frame_id == "back.png"
+        assert source.snapshot()["scan_errors"] >= 1
+    finally:
+        runner.close()
