@@ -144,7 +144,7 @@ def test_train_cli_rejects_a_missing_dataset_path(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # a failure, not argparse's usage code 2
     assert "nope" in proc.stderr
     assert not (tmp_path / "r").exists()
 
@@ -169,6 +169,6 @@ def test_train_cli_rejects_an_empty_training_set(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # a failure, not argparse's usage code 2
     assert "error:" in proc.stderr
     assert not (tmp_path / "r" / "model.params").exists()
