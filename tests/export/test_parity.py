@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from lineside.agent.bundle.manifest import BundleManifest
-from lineside.agent.errors import ParityError
+from lineside.agent.errors import ExportError, ParityError
 from lineside.agent.imaging import read_image
 from lineside.export.build import INPUT_NAME, BuildOptions, _real_batches, build_bundle, reference_outputs
 from lineside.export.data import open_dataset
@@ -46,23 +46,63 @@ def perturb(onnx_path: Path, scale: float = 0.5, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def exported_classifier(
     trained_runs: dict[str, Path], synth_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[object, Path, list[np.ndarray]]:
-    """(Gluon export view, its ONNX file, real calibration batches) of the trained classifier."""
+) -> tuple[object, Path, list[np.ndarray], tuple]:
+    """(Gluon export view, its ONNX file, real calibration batches, export_block's specs) of the classifier."""
     kind = EXPORT_KINDS["classifier"]
     record = read_run(trained_runs["classifier"], "classifier")
     _, view, _ = kind.load(trained_runs["classifier"], record)
     prep = record.preprocessing
     onnx_path = tmp_path_factory.mktemp("onnx") / "classifier.onnx"
-    export_block(view, (1, prep.channels, *prep.input_size), onnx_path, INPUT_NAME, ["probabilities"])
+    specs = export_block(view, (1, prep.channels, *prep.input_size), onnx_path, INPUT_NAME, ["probabilities"])
     samples = [s for s in open_dataset(synth_dir).samples if s.annotated]
-    return view, onnx_path, _real_batches(samples, prep)
+    return view, onnx_path, _real_batches(samples, prep), specs
+
+
+def test_the_exported_graph_is_clean_named_and_takes_any_batch(exported_classifier: tuple) -> None:
+    # given the exported classifier and what the export says about it
+    _, onnx_path, batches, (input_spec, outputs) = exported_classifier
+    model = onnx.load(str(onnx_path))
+
+    # then: one input named as the manifest says, outputs named, the batch axis dynamic (-1)
+    assert [i.name for i in model.graph.input] == [INPUT_NAME]
+    assert [o.name for o in model.graph.output] == ["probabilities"]
+    assert input_spec.name == INPUT_NAME and input_spec.shape[0] == -1 and input_spec.shape[1:] == [1, 128, 128]
+    assert [(o.name, o.shape) for o in outputs] == [("probabilities", [-1, 2])]
+    # no initializer is left that no node reads (ONNX Runtime warns about those), and the checker passes
+    used = {name for node in model.graph.node for name in node.input}
+    assert all(init.name in used for init in model.graph.initializer)
+    onnx.checker.check_model(model, full_check=True)
+    # and ONNX Runtime runs it on a batch of another size than the export's
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    three = np.concatenate([batches[0][:1]] * 3)
+    assert session.run(None, {INPUT_NAME: three})[0].shape == (3, 2)
+
+
+def test_an_export_naming_the_wrong_number_of_outputs_is_refused(exported_classifier: tuple, tmp_path: Path) -> None:
+    # given the classifier view, which has one output
+    view, _, batches, _ = exported_classifier
+
+    # when / then
+    with pytest.raises(ExportError, match=r"graph has 1 outputs, expected 2"):
+        export_block(view, (1, *batches[0].shape[1:]), tmp_path / "c.onnx", INPUT_NAME, ["probabilities", "extra"])
+
+
+def test_a_difference_exactly_at_the_tolerance_passes_and_just_above_fails(exported_classifier: tuple) -> None:
+    # given the faithful export and its measured difference
+    view, onnx_path, batches, _ = exported_classifier
+    measured = check_parity(view, onnx_path, INPUT_NAME, batches, {"probabilities": 1.0}).max_abs_diff["probabilities"]
+
+    # when / then: the tolerance is inclusive
+    assert check_parity(view, onnx_path, INPUT_NAME, batches, {"probabilities": measured}).passed
+    with pytest.raises(ParityError, match="probabilities: "):
+        check_parity(view, onnx_path, INPUT_NAME, batches, {"probabilities": np.nextafter(measured, -1.0)})
 
 
 def test_parity_refuses_a_model_whose_weights_diverge_naming_output_and_difference(
     exported_classifier: tuple, tmp_path: Path
 ) -> None:
     # given the exported classifier with noise added to its largest weight tensor
-    view, onnx_path, batches = exported_classifier
+    view, onnx_path, batches, _ = exported_classifier
     diverged = tmp_path / "classifier.onnx"
     shutil.copy(onnx_path, diverged)
     perturb(diverged)
@@ -76,7 +116,7 @@ def test_parity_refuses_a_model_whose_weights_diverge_naming_output_and_differen
 
 def test_parity_figures_match_an_independent_comparison(exported_classifier: tuple) -> None:
     # given the faithful export
-    view, onnx_path, batches = exported_classifier
+    view, onnx_path, batches, _ = exported_classifier
 
     # when the check runs, and the same comparison is made here by hand
     report = check_parity(view, onnx_path, INPUT_NAME, batches, EXPORT_KINDS["classifier"].tolerances)
