@@ -267,14 +267,26 @@ class Agent:
         with self._lock:
             old, pipeline = self.engine, self.pipeline
         old_version = old.manifest.version if old is not None else None
+        new_version = new_engine.manifest.version
+        self.events.publish(
+            "bundle_swapping", f"bundle {old_version} -> {new_version}", old_version=old_version, version=new_version
+        )
         if pipeline is not None:
             # Outside the lock: status() must stay answerable while the inference thread finishes a frame.
-            old = pipeline.swap_inspector(new_engine, timeout)  # type: ignore[assignment]
+            try:
+                old = pipeline.swap_inspector(new_engine, timeout)  # type: ignore[assignment]
+            except Exception as err:
+                self.events.publish(
+                    "bundle_swap_failed",
+                    f"bundle swap to {new_version} failed, still serving {old_version}: {err}",
+                    old_version=old_version,
+                    version=new_version,
+                )
+                raise
         with self._lock:
             self.engine = new_engine
         if old is not None and old is not new_engine:
             old.close()
-        new_version = new_engine.manifest.version
         logger.info("bundle swapped: %s -> %s", old_version, new_version)
         self.events.publish(
             "bundle_changed",

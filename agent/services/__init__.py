@@ -5,9 +5,19 @@ from __future__ import annotations
 
 from lineside.agent.mqtt.service import MqttService
 from lineside.agent.services.base import Service, ServicePlugin
+from lineside.agent.services.notify import NotifyConfig, NotifyService
 from lineside.agent.services.status_log import StatusLogConfig, StatusLogService
 
 # Started in this order, closed in reverse.
-PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService)
+PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService, NotifyService)
 
-__all__ = ["PLUGINS", "MqttService", "Service", "ServicePlugin", "StatusLogConfig", "StatusLogService"]
+__all__ = [
+    "PLUGINS",
+    "MqttService",
+    "NotifyConfig",
+    "NotifyService",
+    "Service",
+    "ServicePlugin",
+    "StatusLogConfig",
+    "StatusLogService",
+]
