@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
+from lineside.agent.services.health import HealthConfig
 from lineside.agent.services.notify import NotifyConfig
 from lineside.agent.services.status_log import StatusLogConfig
 from lineside.agent.sinks import SinkConfig
@@ -99,6 +100,10 @@ class AgentConfig(StrictConfig):
     )
     status_log: StatusLogConfig = Field(
         default_factory=StatusLogConfig, description="The periodic one-line status summary in the log."
+    )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig,
+        description="/healthz, /readyz and Prometheus /metrics over HTTP (loopback port 9464 by default).",
     )
     notify: NotifyConfig = Field(
         default_factory=NotifyConfig,

@@ -90,6 +90,7 @@ class AgentStatus:
     services: list[str] = field(default_factory=list)
     failure: str | None = None
     paused: bool = False
+    source_problem: str | None = None  # why the source cannot deliver now (hot folder gone), else None
 
 
 class Agent:
@@ -323,7 +324,7 @@ class Agent:
     def status(self) -> AgentStatus:
         """One consistent snapshot of state, bundle, providers, counters and progress."""
         with self._lock:
-            engine, pipeline = self.engine, self.pipeline
+            engine, pipeline, source = self.engine, self.pipeline, self.source
             state, failure = self._state, self._failure
             services = [s.name for s in self.services]
         counters = pipeline.stats() if pipeline is not None else {}
@@ -340,6 +341,7 @@ class Agent:
             services=services,
             failure=failure,
             paused=pipeline.paused if pipeline is not None else False,
+            source_problem=source.problem() if source is not None else None,
         )
 
     def _set_state(self, state: AgentState) -> None:

@@ -245,6 +245,10 @@ class FolderSource(FrameSource):
             len(self._ledger.entries),
         )
 
+    def problem(self) -> str | None:
+        """The hot folder vanished (an unmounted share): not ready until it is back."""
+        return None if self.path.is_dir() else f"hot folder {self.path} is missing"
+
     def close(self) -> None:
         if self._ledger is not None:
             self._ledger.close()

@@ -83,6 +83,7 @@ def config(images: Path, **source: Any) -> AgentConfig:
             "sinks": [],
             "status_log": {"interval_s": 0},
             "notify": {"status_interval_s": 0.2},
+            "health": {"port": 0},
         }
     )
 
@@ -184,6 +185,7 @@ def test_watchdog_keeps_pinging_on_an_idle_line(
             "source": {"kind": "folder", "path": str(hot), "poll_interval": 0.05},
             "sinks": [],
             "status_log": {"interval_s": 0},
+            "health": {"enabled": False},
         }
     )
     agent = Agent(cfg, engine_loader=lambda c: make_inspector())
