@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -119,6 +120,7 @@ class Agent:
         self._state = AgentState.CREATED
         self._failure: str | None = None
         self._started_at: datetime | None = None
+        self._signals = 0  # SIGTERM/SIGINT received; a second one exits at once
         self.engine: Engine | None = None
         self.source: FrameSource | None = None
         self.sinks: list[Sink] = []
@@ -252,7 +254,16 @@ class Agent:
             return {}
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("received %s; stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self._signals:
+                # Someone wants out now. Safe for the durable state: the ledger, the JSONL results and the
+                # MQTT outbox are written append- or commit-only and recover from a cut like a SIGKILL's.
+                logger.warning("received %s again while stopping; exiting at once (exit %d)", name, 128 + signum)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(128 + signum)
+            self._signals += 1
+            logger.info("received %s; stopping (a second signal exits at once)", name)
             self.stop_event.set()
 
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
