@@ -221,6 +221,7 @@ class FolderSource(FrameSource):
         self._patterns = [p.lower() for p in config.patterns]
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[tuple[int, ...], float]] = {}  # name -> (signature, stable since)
+        self._scan_failing = False  # the last scan failed (capture thread only)
         self._inflight: dict[str, str] = {}  # name -> key, handed out and not yet acked
         self._retry_at: dict[str, float] = {}  # name -> monotonic time it may be offered again
         self._ledger: Ledger | None = None
@@ -289,10 +290,16 @@ class FolderSource(FrameSource):
                             signature += (side.st_size, side.st_mtime_ns)
                     found[entry.name] = signature
         except OSError as err:
-            # The folder may be a network share that comes back; keep polling instead of dying.
+            # The folder may be a network share that comes back; keep polling instead of dying. Logged
+            # once per outage (a poll every fraction of a second would flood the journal), counted each time.
             self.count("scan_errors")
-            logger.warning("cannot scan hot folder %s: %s", self.path, err)
+            if not self._scan_failing:
+                logger.warning("cannot scan hot folder %s: %s; not ready until it is back", self.path, err)
+            self._scan_failing = True
             return []
+        if self._scan_failing:
+            logger.info("hot folder %s is back", self.path)
+            self._scan_failing = False
         ready = []
         with self._lock:
             self._seen = {

@@ -154,26 +154,32 @@ def test_healthz_and_readyz_while_running(running: Callable[..., tuple[Agent, st
 
 
 def test_readyz_fails_while_the_hot_folder_is_gone_and_recovers(
-    running: Callable[..., tuple[Agent, str]], tmp_path: Path
+    running: Callable[..., tuple[Agent, str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # given a running agent on a hot folder
     hot = tmp_path / "hot"
     hot.mkdir()
-    _agent, url = running({"kind": "folder", "path": str(hot), "poll_interval": 0.05})
+    agent, url = running({"kind": "folder", "path": str(hot), "poll_interval": 0.05})
     assert get(f"{url}/readyz")[0] == 200
 
-    # when the folder disappears (an unmounted share), then comes back
+    # when the folder disappears (an unmounted share) for several polls, then comes back
+    caplog.set_level(logging.INFO, logger="lineside.agent.sources.folder")
     hot.rename(tmp_path / "elsewhere")
     gone, gone_body = get(f"{url}/readyz")
     alive_meanwhile = get(f"{url}/healthz")[0]
+    wait_until(lambda: agent.status().counters["source"].get("scan_errors", 0) >= 5)
     (tmp_path / "elsewhere").rename(hot)
     back = get(f"{url}/readyz")[0]
+    wait_until(lambda: f"hot folder {hot} is back" in caplog.text)
 
     # then not ready, naming the folder, while still alive; ready again once it is back
     assert gone == 503
     assert json.loads(gone_body)["problems"] == [f"hot folder {hot} is missing"]
     assert alive_meanwhile == 200
     assert back == 200
+    # one warning for the outage and one line for the recovery, not one per poll
+    assert caplog.text.count("cannot scan hot folder") == 1
+    assert caplog.text.count(f"hot folder {hot} is back") == 1
 
 
 def test_readyz_fails_while_a_sink_fails(
