@@ -92,6 +92,7 @@ class AgentStatus:
     failure: str | None = None
     paused: bool = False
     source_problem: str | None = None  # why the source cannot deliver now (hot folder gone), else None
+    queue_depths: dict[str, int] = field(default_factory=dict)  # services' own queues (mqtt_outbox)
 
 
 class Agent:
@@ -337,7 +338,8 @@ class Agent:
         with self._lock:
             engine, pipeline, source = self.engine, self.pipeline, self.source
             state, failure = self._state, self._failure
-            services = [s.name for s in self.services]
+            started = list(self.services)
+        services = [s.name for s in started]
         counters = pipeline.stats() if pipeline is not None else {}
         age = time.monotonic() - pipeline.last_progress() if pipeline is not None else 0.0
         return AgentStatus(
@@ -353,8 +355,23 @@ class Agent:
             failure=failure,
             paused=pipeline.paused if pipeline is not None else False,
             source_problem=source.problem() if source is not None else None,
+            queue_depths=_queue_depths(started),
         )
 
     def _set_state(self, state: AgentState) -> None:
         with self._lock:
             self._state = state
+
+
+def _queue_depths(services: Sequence[Service]) -> dict[str, int]:
+    """The queues services report (`queue_depths()`, optional); one that fails is left out, and logged."""
+    depths: dict[str, int] = {}
+    for service in services:
+        report = getattr(service, "queue_depths", None)
+        if report is None:
+            continue
+        try:
+            depths.update(report())
+        except Exception:
+            logger.exception("service %s could not report its queues", service.name)
+    return depths

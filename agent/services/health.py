@@ -151,6 +151,8 @@ class _StatusCollector:
         )
         queue = GaugeMetricFamily("lineside_queue_depth", "Items waiting in a queue.", labels=["queue"])
         queue.add_metric(["frames"], float(counters.get("queue_depth", 0)))
+        for name, depth in sorted(status.queue_depths.items()):
+            queue.add_metric([name], float(depth))
         yield queue
         yield GaugeMetricFamily(
             "lineside_last_progress_age_seconds",

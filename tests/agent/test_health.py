@@ -227,3 +227,39 @@ def test_a_port_in_use_is_a_clear_start_up_error(
     assert f"health endpoint cannot listen on 127.0.0.1:{port}" in caplog.text
     assert "another lineside-agent" in caplog.text
     assert agent.status().state == "failed"
+
+
+def test_the_mqtt_outbox_depth_is_a_queue_metric(images: Path, make_inspector: Callable, tmp_path: Path) -> None:
+    # given MQTT configured towards a broker that is down (a port nobody listens on): results wait in the outbox
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unused_tcp_port = probe.getsockname()[1]
+    config = agent_config(
+        images,
+        {"kind": "replay", "path": str(images)},
+        mqtt={
+            "port": unused_tcp_port,
+            "topic_prefix": "lineside/test",
+            "outbox": {"path": str(tmp_path / "outbox.sqlite"), "synchronous": "normal"},
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 1,
+            "metrics_interval_s": 0,
+            "drain_timeout_s": 0.1,
+        },
+    )
+    agent = Agent(config, engine_loader=lambda c: make_inspector())
+    agent.start()
+    try:
+        agent.wait()  # the 4 images replayed once
+        health = next(s for s in agent.services if isinstance(s, HealthService))
+        wait_until(lambda: agent.status().queue_depths.get("mqtt_outbox", 0) >= 4)
+
+        # when
+        _, text = get(f"http://127.0.0.1:{health.port}/metrics")
+    finally:
+        agent.stop()
+
+    # then the outbox sits beside the frame queue, holding at least the 4 results (plus events)
+    found = samples(text)
+    assert found[("lineside_queue_depth", (("queue", "mqtt_outbox"),))] >= 4
+    assert ("lineside_queue_depth", (("queue", "frames"),)) in found
