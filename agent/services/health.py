@@ -7,7 +7,8 @@
 - `/metrics`: the Prometheus text format from one registry (`AgentMetrics.registry`): frames, results,
   defects, errors by code, drops by reason, sink failures, per-stage latency histograms, queue depth,
   last progress, bundle and providers as info metrics, process RSS/CPU (prometheus-client's process
-  collector). MQTT's `metrics` topic may read the same registry.
+  collector), GPU memory per device where the NVIDIA driver's NVML is there. MQTT's `metrics` topic
+  may read the same registry.
 
 Counters and gauges are read from `Agent.status()` at scrape time (nothing can drift from the pipeline's
 own counters); histograms and defects come from a non-durable sink the service adds after every other
@@ -16,6 +17,7 @@ sink, which also sees whether those sinks stored each result.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -95,6 +97,8 @@ class AgentMetrics:
         )  # exposed as lineside_defects_total
         self.registry.register(_StatusCollector(agent, self))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU, open fds (Linux)
+        self.gpu = GpuMemoryCollector()
+        self.registry.register(self.gpu)
 
     def observe(self, result: InspectionResult) -> None:
         """Record one result (dispatch thread)."""
@@ -188,6 +192,60 @@ def _labelled_counter(name: str, documentation: str, label: str, values: dict[st
     for key, value in sorted(values.items()):
         family.add_metric([key], float(value))
     return family
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+class GpuMemoryCollector:
+    """GPU memory per device from NVML (`libnvidia-ml.so.1`, shipped with the NVIDIA driver), read through
+    ctypes so no package is needed; yields nothing where there is no driver (CPU boxes, Jetson's iGPU)."""
+
+    def __init__(self) -> None:
+        self._nvml: ctypes.CDLL | None = None
+        try:
+            nvml = ctypes.CDLL("libnvidia-ml.so.1")
+            if nvml.nvmlInit_v2() == 0:
+                self._nvml = nvml
+        except (OSError, AttributeError):
+            self._nvml = None
+        if self._nvml is None:
+            logger.debug("no NVML: GPU memory is not in /metrics")
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def memory(self) -> dict[int, tuple[int, int]]:
+        """{device index: (used bytes, total bytes)}; empty without NVML or on an error."""
+        nvml = self._nvml
+        if nvml is None:
+            return {}
+        count = ctypes.c_uint()
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return {}
+        found = {}
+        for index in range(count.value):
+            handle = ctypes.c_void_p()
+            info = _NvmlMemory()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                continue
+            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(info)) == 0:
+                found[index] = (int(info.used), int(info.total))
+        return found
+
+    def collect(self) -> Iterator[Metric]:
+        memory = self.memory()
+        if not memory:
+            return
+        used = GaugeMetricFamily("lineside_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["gpu"])
+        total = GaugeMetricFamily("lineside_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"])
+        for index, (in_use, size) in sorted(memory.items()):
+            used.add_metric([str(index)], float(in_use))
+            total.add_metric([str(index)], float(size))
+        yield used
+        yield total
 
 
 class HealthService:

@@ -263,3 +263,32 @@ def test_the_mqtt_outbox_depth_is_a_queue_metric(images: Path, make_inspector: C
     found = samples(text)
     assert found[("lineside_queue_depth", (("queue", "mqtt_outbox"),))] >= 4
     assert ("lineside_queue_depth", (("queue", "frames"),)) in found
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_in_metrics_on_an_nvidia_box(running: Callable[..., tuple[Agent, str]], images: Path) -> None:
+    # given an agent on a box with the NVIDIA driver
+    _agent, url = running({"kind": "replay", "path": str(images), "loop": True, "rate_hz": 5})
+
+    # when
+    found = samples(get(f"{url}/metrics")[1])
+
+    # then device 0's memory is reported, used within total
+    total = found[("lineside_gpu_memory_total_bytes", (("gpu", "0"),))]
+    assert total > 1e9
+    assert 0 < found[("lineside_gpu_memory_used_bytes", (("gpu", "0"),))] <= total
+
+
+def test_without_nvml_there_is_no_gpu_metric_and_no_error(
+    running: Callable[..., tuple[Agent, str]], images: Path
+) -> None:
+    # given
+    agent, url = running({"kind": "replay", "path": str(images), "loop": True, "rate_hz": 5})
+    health = next(s for s in agent.services if isinstance(s, HealthService))
+
+    # when
+    code, text = get(f"{url}/metrics")
+
+    # then the page is served either way, with GPU figures exactly when NVML answered
+    assert code == 200
+    assert ("lineside_gpu_memory_total_bytes" in text) == bool(health.metrics.gpu.memory())
