@@ -169,3 +169,38 @@ def test_a_journal_stream_that_is_not_our_stderr_gets_no_prefixes(value: str, mo
 
     # then
     assert stderr_is_journal() is False
+
+
+SLOW_LOAD = """
+import sys, time
+from lineside.agent.cli import configure_logging
+from lineside.agent.config import parse_config
+from lineside.agent.runtime import Agent
+
+def load(config):
+    print("loading", flush=True)
+    time.sleep(300)  # a long TensorRT build
+    raise AssertionError("not reached")
+
+configure_logging("INFO")
+config = parse_config({"station": "s", "bundle": {"path": sys.argv[1]},
+                       "source": {"kind": "replay", "path": sys.argv[1]}, "sinks": []})
+sys.exit(Agent(config, engine_loader=load, services=[]).run())
+"""
+
+
+def test_a_second_sigint_while_the_bundle_loads_exits_at_once(tmp_path: Path) -> None:
+    # given a daemon stuck loading its bundle, already asked once to stop
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, str(tmp_path)], stdout=out, stderr=subprocess.STDOUT)
+    wait_until(lambda: "loading" in log.read_text(), proc, log)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "received SIGINT; stopping (a second signal exits at once)" in log.read_text(), proc, log)
+
+    # when Ctrl-C is pressed again
+    proc.send_signal(signal.SIGINT)
+
+    # then it leaves at once with 130 (it would otherwise sit out the 300 s load), saying why
+    assert proc.wait(60) == 128 + signal.SIGINT
+    assert "received SIGINT again while stopping; exiting at once (exit 130)" in log.read_text()
