@@ -122,7 +122,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(args.log_level or config.log_level)
     logger.info("starting: %s", _summary(config))
+    _tell_systemd(f"STATUS=loading and verifying bundle {config.bundle.path}", enabled=config.notify.enabled)
     return Agent(config).run()
+
+
+def _tell_systemd(message: str, *, enabled: bool) -> None:
+    """One sd_notify message when systemd listens (before the notify service exists: bundle loading)."""
+    from lineside.agent.services.notify import Notifier
+
+    notifier = Notifier.from_environment() if enabled else None
+    if notifier is not None:
+        notifier.send(message)
+        notifier.close()
 
 
 def _providers(text: str | None) -> list[str] | None:

@@ -151,7 +151,9 @@ def test_ready_metrics_and_stop_as_under_systemd(
         if proc.poll() is None:
             proc.kill()
 
-    # then READY came once the bundle was verified and the pipeline ran, naming the bundle
+    # then systemd heard what the agent was doing while it loaded, and READY came once the bundle was
+    # verified and the pipeline ran, naming the bundle
+    assert systemd.messages[0] == {"STATUS": f"loading and verifying bundle {test_bundle}"}
     # (the engine logs "ready on" after the golden check; the pipeline, after opening the source)
     assert log_at_ready.index(f"version {manifest.version} ready on") < log_at_ready.index("pipeline started")
     assert "health on http://" in log_at_ready  # every service started before READY
