@@ -64,7 +64,7 @@ test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto systemd-analyze
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
 		LINESIDE_EXPORT_TEST_RUNS_TO=$(CURDIR)/$(TEST_RUNS) $(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \
-		$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent tests/integration tests/deploy
+		$(AGENT_VENV)/bin/python -m pytest -q -m "not export" tests/agent tests/integration
 
 # Mutants are written into the source files while it runs: leave the tree alone until it is done.
 MUTATE ?=
