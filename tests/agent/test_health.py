@@ -165,12 +165,12 @@ def test_readyz_fails_while_the_hot_folder_is_gone_and_recovers(
     # when the folder disappears (an unmounted share) for several polls, then comes back
     caplog.set_level(logging.INFO, logger="lineside.agent.sources.folder")
     hot.rename(tmp_path / "elsewhere")
+    wait_until(lambda: agent.status().counters["source"].get("scan_errors", 0) >= 5)
     gone, gone_body = get(f"{url}/readyz")
     alive_meanwhile = get(f"{url}/healthz")[0]
-    wait_until(lambda: agent.status().counters["source"].get("scan_errors", 0) >= 5)
     (tmp_path / "elsewhere").rename(hot)
-    back = get(f"{url}/readyz")[0]
     wait_until(lambda: f"hot folder {hot} is back" in caplog.text)
+    back = get(f"{url}/readyz")[0]
 
     # then not ready, naming the folder, while still alive; ready again once it is back
     assert gone == 503
