@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
@@ -108,7 +109,7 @@ class NotifyService:
         self.watchdog_s = watchdog_s  # the ping interval: half of WatchdogSec
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._unsubscribe: list = []
+        self._unsubscribe: list[Callable[[], None]] = []
         self._last: tuple[float, int] | None = None  # (monotonic, frames_in) at the last STATUS
         self._withheld = False
 
