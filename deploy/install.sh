@@ -78,7 +78,7 @@ if "$ROOT$VENV/bin/python" -c 'import mxnet' 2>/dev/null; then
 fi
 if [ -n "$ROOT" ]; then
     # Scripts name their interpreter by absolute path: make them name the final one, not the staging one.
-    grep -rlI --null "$ROOT$VENV" "$ROOT$VENV/bin" | xargs -0 -r sed -i "s#$ROOT$VENV#$VENV#g"
+    { grep -rlI --null "$ROOT$VENV" "$ROOT$VENV/bin" || true; } | xargs -0 -r sed -i "s#$ROOT$VENV#$VENV#g"
 fi
 install -D -m 0644 "$SOURCE/README.md" "$ROOT$PREFIX/README.md"
 install -D -m 0644 "$SOURCE/deploy/agent.example.yaml" "$ROOT$PREFIX/agent.example.yaml"
