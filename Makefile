@@ -6,7 +6,7 @@ VENV := .venv
 AGENT_VENV := .venv-agent
 DEMO_OUT ?= demo-out
 
-.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto
+.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto systemd-analyze
 
 help:
 	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
@@ -54,7 +54,13 @@ mosquitto:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients; } || \
 		{ echo "make test needs mosquitto: apt-get install -y mosquitto mosquitto-clients" >&2; exit 1; }
 
-test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto
+# tests/deploy checks the unit with systemd-analyze (offline, no running systemd): Debian's `systemd` package.
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends systemd; } || \
+		{ echo "make test needs systemd-analyze: apt-get install -y systemd" >&2; exit 1; }
+
+test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto systemd-analyze
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
 		LINESIDE_EXPORT_TEST_RUNS_TO=$(CURDIR)/$(TEST_RUNS) $(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 runtime failure (bundle, engine, source, store); 2 usage error (argparse);
 3 some images could not be inspected (inspect/predict; their error results are still written);
-78 invalid configuration (EX_CONFIG, so systemd does not restart-loop on it).
+78 invalid configuration (EX_CONFIG, so systemd does not restart-loop on it); 128+N (143, 130) a second
+SIGTERM/SIGINT during the stop, which exits at once.
 
 stdout carries results only (`inspect`, a jsonl sink on '-'); everything else goes to stderr.
 """
@@ -34,14 +35,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# syslog priorities, which journald reads from a "<N>" prefix on each line of a service's stderr.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>` before every line (tracebacks included), so journald keeps each line's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 3 if record.levelno > logging.ERROR else 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd connected (`$JOURNAL_STREAM` = its device:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Log to stderr; no timestamps under systemd, where journald adds its own."""
+    """Log to stderr. Under systemd no timestamps (journald adds its own); on the journal stream, `<N>`
+    priority prefixes instead of level names, so `journalctl -p warning` finds the problems."""
     under_systemd = bool(os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not under_systemd:
-        fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt if under_systemd else "%(asctime)s " + fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -96,7 +122,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(args.log_level or config.log_level)
     logger.info("starting: %s", _summary(config))
+    _tell_systemd(f"STATUS=loading and verifying bundle {config.bundle.path}", enabled=config.notify.enabled)
     return Agent(config).run()
+
+
+def _tell_systemd(message: str, *, enabled: bool) -> None:
+    """One sd_notify message when systemd listens (before the notify service exists: bundle loading)."""
+    from lineside.agent.services.notify import Notifier
+
+    notifier = Notifier.from_environment() if enabled else None
+    if notifier is not None:
+        notifier.send(message)
+        notifier.close()
 
 
 def _providers(text: str | None) -> list[str] | None:

@@ -17,6 +17,8 @@ from pydantic import Field, ValidationError
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
+from lineside.agent.services.health import HealthConfig
+from lineside.agent.services.notify import NotifyConfig
 from lineside.agent.services.status_log import StatusLogConfig
 from lineside.agent.sinks import SinkConfig
 from lineside.agent.sinks.jsonl import JsonlSinkConfig
@@ -98,6 +100,14 @@ class AgentConfig(StrictConfig):
     )
     status_log: StatusLogConfig = Field(
         default_factory=StatusLogConfig, description="The periodic one-line status summary in the log."
+    )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig,
+        description="/healthz, /readyz and Prometheus /metrics over HTTP (loopback port 9464 by default).",
+    )
+    notify: NotifyConfig = Field(
+        default_factory=NotifyConfig,
+        description="systemd notifications (READY, WATCHDOG from the inference loop's progress, STATUS).",
     )
     mqtt: MqttConfig | None = Field(
         default=None,

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 EVENT_KINDS = (
     "started",  # the agent serves frames
     "stopping",  # a clean shutdown began
+    "bundle_swapping",  # a new engine is about to take over (old_version, version)
     "bundle_changed",  # a new engine took over between two frames
+    "bundle_swap_failed",  # the swap did not happen; the old engine still serves
     "frame_error",  # a frame got an error result (code, message)
     "frame_dropped",  # a frame left the pipeline without a result (reason)
     "sink_failed",  # a sink raised on a result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -90,6 +91,8 @@ class AgentStatus:
     services: list[str] = field(default_factory=list)
     failure: str | None = None
     paused: bool = False
+    source_problem: str | None = None  # why the source cannot deliver now (hot folder gone), else None
+    queue_depths: dict[str, int] = field(default_factory=dict)  # services' own queues (mqtt_outbox)
 
 
 class Agent:
@@ -118,6 +121,7 @@ class Agent:
         self._state = AgentState.CREATED
         self._failure: str | None = None
         self._started_at: datetime | None = None
+        self._signals = 0  # SIGTERM/SIGINT received; a second one exits at once
         self.engine: Engine | None = None
         self.source: FrameSource | None = None
         self.sinks: list[Sink] = []
@@ -251,7 +255,16 @@ class Agent:
             return {}
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("received %s; stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self._signals:
+                # Someone wants out now. Safe for the durable state: the ledger, the JSONL results and the
+                # MQTT outbox are written append- or commit-only and recover from a cut like a SIGKILL's.
+                logger.warning("received %s again while stopping; exiting at once (exit %d)", name, 128 + signum)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(128 + signum)
+            self._signals += 1
+            logger.info("received %s; stopping (a second signal exits at once)", name)
             self.stop_event.set()
 
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -267,14 +280,26 @@ class Agent:
         with self._lock:
             old, pipeline = self.engine, self.pipeline
         old_version = old.manifest.version if old is not None else None
+        new_version = new_engine.manifest.version
+        self.events.publish(
+            "bundle_swapping", f"bundle {old_version} -> {new_version}", old_version=old_version, version=new_version
+        )
         if pipeline is not None:
             # Outside the lock: status() must stay answerable while the inference thread finishes a frame.
-            old = pipeline.swap_inspector(new_engine, timeout)  # type: ignore[assignment]
+            try:
+                old = pipeline.swap_inspector(new_engine, timeout)  # type: ignore[assignment]
+            except Exception as err:
+                self.events.publish(
+                    "bundle_swap_failed",
+                    f"bundle swap to {new_version} failed, still serving {old_version}: {err}",
+                    old_version=old_version,
+                    version=new_version,
+                )
+                raise
         with self._lock:
             self.engine = new_engine
         if old is not None and old is not new_engine:
             old.close()
-        new_version = new_engine.manifest.version
         logger.info("bundle swapped: %s -> %s", old_version, new_version)
         self.events.publish(
             "bundle_changed",
@@ -311,9 +336,10 @@ class Agent:
     def status(self) -> AgentStatus:
         """One consistent snapshot of state, bundle, providers, counters and progress."""
         with self._lock:
-            engine, pipeline = self.engine, self.pipeline
+            engine, pipeline, source = self.engine, self.pipeline, self.source
             state, failure = self._state, self._failure
-            services = [s.name for s in self.services]
+            started = list(self.services)
+        services = [s.name for s in started]
         counters = pipeline.stats() if pipeline is not None else {}
         age = time.monotonic() - pipeline.last_progress() if pipeline is not None else 0.0
         return AgentStatus(
@@ -328,8 +354,24 @@ class Agent:
             services=services,
             failure=failure,
             paused=pipeline.paused if pipeline is not None else False,
+            source_problem=source.problem() if source is not None else None,
+            queue_depths=_queue_depths(started),
         )
 
     def _set_state(self, state: AgentState) -> None:
         with self._lock:
             self._state = state
+
+
+def _queue_depths(services: Sequence[Service]) -> dict[str, int]:
+    """The queues services report (`queue_depths()`, optional); one that fails is left out, and logged."""
+    depths: dict[str, int] = {}
+    for service in services:
+        report = getattr(service, "queue_depths", None)
+        if report is None:
+            continue
+        try:
+            depths.update(report())
+        except Exception:
+            logger.exception("service %s could not report its queues", service.name)
+    return depths

@@ -193,6 +193,10 @@ class MqttService:
         # On paho's network thread, inside on_connect: publish only (paho allows it there).
         self.link.publish_now("status", self._status_payload("online"), qos=1, retain=True)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in the outbox (for /metrics via `Agent.status()`)."""
+        return {"mqtt_outbox": self.outbox.depth()}
+
     def metrics(self) -> MetricsPayload:
         status = self.agent.status()
         outbox = self.outbox.stats()

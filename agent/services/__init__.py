@@ -5,9 +5,22 @@ from __future__ import annotations
 
 from lineside.agent.mqtt.service import MqttService
 from lineside.agent.services.base import Service, ServicePlugin
+from lineside.agent.services.health import HealthConfig, HealthService
+from lineside.agent.services.notify import NotifyConfig, NotifyService
 from lineside.agent.services.status_log import StatusLogConfig, StatusLogService
 
-# Started in this order, closed in reverse.
-PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService)
+# Started in this order, closed in reverse. Health after MQTT: its metrics sink must come after MQTT's.
+PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService, HealthService, NotifyService)
 
-__all__ = ["PLUGINS", "MqttService", "Service", "ServicePlugin", "StatusLogConfig", "StatusLogService"]
+__all__ = [
+    "PLUGINS",
+    "HealthConfig",
+    "HealthService",
+    "MqttService",
+    "NotifyConfig",
+    "NotifyService",
+    "Service",
+    "ServicePlugin",
+    "StatusLogConfig",
+    "StatusLogService",
+]

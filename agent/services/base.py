@@ -18,6 +18,9 @@ class Service(Protocol):
     agent's start-up; its loops end when `stop` is set. `close` releases everything within the agent's
     stop budget and is safe to call twice. Services read the agent's state through `Agent.status()`
     and talk to the rest through `Agent.events`, never by reaching into each other.
+
+    A service with a queue of its own may also offer `queue_depths() -> dict[str, int]` (quick, never
+    blocking: MQTT's outbox); `Agent.status()` gathers them for /metrics and the other readers.
     """
 
     name: str

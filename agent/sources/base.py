@@ -87,6 +87,10 @@ class FrameSource(Plugin, ABC):
         """Release files, devices and connections. Safe to call twice."""
         return None
 
+    def problem(self) -> str | None:
+        """Why the source cannot deliver frames right now (for readiness), or None. Cheap: called per probe."""
+        return None
+
     def count(self, key: str, n: int = 1) -> None:
         """Add `n` to counter `key`."""
         with self._counter_lock:

@@ -221,6 +221,7 @@ class FolderSource(FrameSource):
         self._patterns = [p.lower() for p in config.patterns]
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[tuple[int, ...], float]] = {}  # name -> (signature, stable since)
+        self._scan_failing: str | None = None  # why the last scan failed (written by the capture thread only)
         self._inflight: dict[str, str] = {}  # name -> key, handed out and not yet acked
         self._retry_at: dict[str, float] = {}  # name -> monotonic time it may be offered again
         self._ledger: Ledger | None = None
@@ -244,6 +245,14 @@ class FolderSource(FrameSource):
             self.failed_dir,
             len(self._ledger.entries),
         )
+
+    def problem(self) -> str | None:
+        """The last scan failed (the folder vanished, a share went away): not ready until one succeeds.
+
+        Read from the capture thread's last scan, never a stat of its own: a hung share must not hang
+        the readers of `Agent.status()` (health, the watchdog).
+        """
+        return self._scan_failing
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -285,10 +294,21 @@ class FolderSource(FrameSource):
                             signature += (side.st_size, side.st_mtime_ns)
                     found[entry.name] = signature
         except OSError as err:
-            # The folder may be a network share that comes back; keep polling instead of dying.
+            # The folder may be a network share that comes back; keep polling instead of dying. Logged
+            # once per outage (a poll every fraction of a second would flood the journal), counted each time.
             self.count("scan_errors")
-            logger.warning("cannot scan hot folder %s: %s", self.path, err)
+            if self._scan_failing is None:
+                logger.warning("cannot scan hot folder %s: %s; not ready until it is back", self.path, err)
+            missing = isinstance(err, FileNotFoundError | NotADirectoryError)
+            self._scan_failing = (
+                f"hot folder {self.path} is missing"
+                if missing
+                else f"cannot scan hot folder {self.path}: {err.strerror or err}"
+            )
             return []
+        if self._scan_failing is not None:
+            logger.info("hot folder %s is back", self.path)
+            self._scan_failing = None
         ready = []
         with self._lock:
             self._seen = {

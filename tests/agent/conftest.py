@@ -5,6 +5,7 @@ Exposed as fixtures (not imports), so they work under any pytest import mode.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,11 @@ def png_bytes(height: int = 32, width: int = 40, *, value: int = 100, dtype: typ
 
 
 def write_png(path: Path, **kwargs: object) -> Path:
-    path.write_bytes(png_bytes(**kwargs))  # type: ignore[arg-type]
+    """Write a PNG the way the hot-folder contract asks: complete under a temporary name, then renamed
+    (a source polling with settle_seconds=0 could otherwise read it half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png_bytes(**kwargs))  # type: ignore[arg-type]
+    os.replace(tmp, path)
     return path
 
 

@@ -148,6 +148,7 @@ source: {{kind: replay, path: {inputs}, loop: true, max_frames: 6}}
 sinks:
   - {{kind: jsonl, path: {results}}}
   - {{kind: annotate, folder: {tmp_path / "ann"}}}
+health: {{port: 0}}
 """
     )
 

@@ -694,13 +694,15 @@ def test_the_same_failing_bytes_twice_keep_two_places_in_failed(hot: Path) -> No
     source = make_source(hot)
     runner = Runner(source)
     try:
-        (hot / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        (hot / "bad.png.tmp").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        (hot / "bad.png.tmp").rename(hot / "bad.png")
         (frame,) = runner.take(1)
         source.ack(frame, ok=False, reason=frame.error)
 
         # when the very same bytes arrive again under the same name (same key: the same file, so it is
-        # not inspected again)
-        (hot / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        # not inspected again), written as the hot-folder contract says: complete, then renamed
+        (hot / "bad.png.tmp").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        (hot / "bad.png.tmp").rename(hot / "bad.png")
         deadline = time.monotonic() + 10
         while (hot / "bad.png").exists() and time.monotonic() < deadline:
             time.sleep(0.02)

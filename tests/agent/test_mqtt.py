@@ -34,6 +34,7 @@ def mqtt_config(tmp_path: Path, images: Path, port: int, *, source: dict[str, An
             "source": {"kind": "replay", "path": str(images), **source},
             "sinks": [{"kind": "jsonl", "path": str(tmp_path / "results.jsonl")}],
             "status_log": {"interval_s": 0},
+            "health": {"port": 0},  # tests run side by side: never the fixed 9464
             "mqtt": {
                 "port": port,
                 "topic_prefix": PREFIX,

@@ -166,6 +166,7 @@ def write_config(tmp_path: Path, bundle: Path, *, settle_seconds: float, annotat
         "queue": {"capacity": 4, "policy": "block"},
         "sinks": sinks,
         "log_level": "INFO",
+        "health": {"port": 0},  # tests run side by side: never the fixed 9464
     }
     (tmp_path / "hot").mkdir(exist_ok=True)
     path = tmp_path / "agent.yaml"

@@ -89,6 +89,7 @@ def write_config(tmp_path: Path, bundle: Path, port: int) -> Path:
         },
         "queue": {"capacity": 4, "policy": "block"},
         "sinks": [{"kind": "jsonl", "path": str(tmp_path / "results.jsonl"), "fsync": True}],
+        "health": {"port": 0},  # tests run side by side: never the fixed 9464
         "mqtt": {
             "port": port,
             "topic_prefix": PREFIX,
