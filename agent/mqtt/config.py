@@ -14,7 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from lineside.agent.plugins import StrictConfig, path_problems
 
 PASSWORD_CREDENTIAL = "mqtt_password"
-COMMAND_NAMES = ("pause", "resume", "status", "trigger")
+COMMAND_NAMES = ("pause", "resume", "status", "trigger", "set-thresholds")
+CommandName = Literal["pause", "resume", "status", "trigger", "set-thresholds"]
 
 
 class TlsConfig(StrictConfig):
@@ -67,11 +68,26 @@ class OutboxConfig(StrictConfig):
 class CommandsConfig(StrictConfig):
     """Commands the PLC/SCADA may send on `<topic_prefix>/cmd/<name>`."""
 
-    enabled: list[Literal["pause", "resume", "status", "trigger"]] = Field(
+    enabled: list[CommandName] = Field(
         default_factory=lambda: list(COMMAND_NAMES),
         description="Commands accepted; any other gets an error reply and changes nothing. [] = none.",
     )
     max_payload_bytes: int = Field(default=4096, ge=2, le=1_000_000, description="Larger command payloads are refused.")
+    trigger_folders: list[Path] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Folders `trigger` may name a file in to inspect now (symbolic links resolved first); "
+        "[] = the file form of `trigger` is refused.",
+    )
+
+    def problems(self, key: str) -> list[str]:
+        found: list[str] = []
+        for i, folder in enumerate(self.trigger_folders):
+            if not folder.is_absolute():
+                found.append(f"{key}.trigger_folders[{i}]: {folder} must be an absolute path")
+            else:
+                found += path_problems(folder, f"{key}.trigger_folders[{i}]", kind="dir")
+        return found
 
 
 class MqttConfig(StrictConfig):
@@ -101,6 +117,11 @@ class MqttConfig(StrictConfig):
     tls: TlsConfig | None = Field(default=None, description="TLS settings; None = plain TCP.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Accepted commands.")
+    state_dir: Path = Field(
+        default=Path("/var/lib/lineside/state"),
+        description="Folder of state that must survive a restart: thresholds.json (set-thresholds overrides, "
+        "written atomically).",
+    )
     metrics_interval_s: float = Field(
         default=60.0, ge=0, description="Seconds between two `metrics` messages; 0 turns them off."
     )
@@ -128,6 +149,8 @@ class MqttConfig(StrictConfig):
 
     def problems(self, key: str) -> list[str]:
         found = self.outbox.problems(f"{key}.outbox")
+        found += path_problems(self.state_dir, f"{key}.state_dir", kind="dir", write=True, create=True)
+        found += self.commands.problems(f"{key}.commands")
         if self.tls is not None:
             found += self.tls.problems(f"{key}.tls")
         return found

@@ -7,9 +7,9 @@ The `result` topic carries `InspectionResult` exactly as the JSON-lines sink wri
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lineside.agent.results import InspectionResult
 
@@ -80,12 +80,63 @@ class EmptyCommand(_Command):
 
 
 class TriggerCommand(_Command):
-    """`cmd/trigger`: the part serial and view of the next frame (the PLC trigger input)."""
+    """`cmd/trigger`: the part serial and view of the next frame (the PLC trigger input), or a file to
+    inspect now (`file`, inside one of `mqtt.commands.trigger_folders`; tagged with part_id/view when given)."""
 
-    part_id: str = Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$", description="Part serial of the next frame."
+    part_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Part serial of the next frame (or of `file`).",
     )
-    view: int | None = Field(default=None, ge=0, le=1000, description="View number of the next frame.")
+    view: int | None = Field(default=None, ge=0, le=1000, description="View number of the next frame (or of `file`).")
+    file: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of an image to inspect now, inside an allowed folder; the reply carries its "
+        "result_id.",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> TriggerCommand:
+        if self.part_id is None and self.file is None:
+            raise ValueError("give part_id (tag the next frame) or file (inspect it now)")
+        if self.file is not None and "\x00" in self.file:
+            raise ValueError("file: contains a NUL character")
+        return self
+
+
+_Name = Annotated[str, Field(min_length=1, max_length=64)]
+_Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class SetThresholdsCommand(_Command):
+    """`cmd/set-thresholds`: change thresholds within the bounds the bundle allows, or go back to the bundle's.
+
+    `{"thresholds": {"classifier": {"image": 0.6}}}` changes the named fields (the others keep their value);
+    `{"reset": true}` drops every override. Persisted across restarts (for this bundle version), reported as
+    the event `thresholds_changed`.
+    """
+
+    thresholds: dict[_Name, dict[_Name, _Value]] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Model kind -> threshold field -> new value; the bounds of each field come from the bundle "
+        "(see docs/mqtt.md).",
+    )
+    reset: bool = Field(
+        default=False, strict=True, description="True: forget every override, use the bundle's thresholds."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SetThresholdsCommand:
+        if self.reset == bool(self.thresholds):
+            raise ValueError("give either thresholds (a non-empty object) or reset: true")
+        if any(not fields for fields in self.thresholds.values()):
+            raise ValueError("thresholds: every kind needs at least one field")
+        return self
 
 
 class CommandReply(_Payload):
@@ -103,6 +154,7 @@ COMMAND_MODELS: dict[str, type[_Command]] = {
     "resume": EmptyCommand,
     "status": EmptyCommand,
     "trigger": TriggerCommand,
+    "set-thresholds": SetThresholdsCommand,
 }
 
 
@@ -115,6 +167,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "metrics": MetricsPayload.model_json_schema(),
         "cmd/pause, cmd/resume, cmd/status": EmptyCommand.model_json_schema(),
         "cmd/trigger": TriggerCommand.model_json_schema(),
+        "cmd/set-thresholds": SetThresholdsCommand.model_json_schema(),
         "cmd/<name>/reply": CommandReply.model_json_schema(),
     }
 

@@ -10,11 +10,13 @@ result) drains the outbox for up to `drain_timeout_s`, publishes `status` = stop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import threading
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import paho.mqtt.client as mqtt
@@ -24,6 +26,8 @@ from pydantic import ValidationError
 
 from lineside.agent.errors import ConfigError
 from lineside.agent.events import Event
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS
+from lineside.agent.mqtt import thresholds
 from lineside.agent.mqtt.config import PASSWORD_CREDENTIAL, MqttConfig
 from lineside.agent.mqtt.link import MqttLink
 from lineside.agent.mqtt.outbox import Outbox
@@ -33,11 +37,12 @@ from lineside.agent.mqtt.payloads import (
     EventPayload,
     MetricsPayload,
     OutboxStats,
+    SetThresholdsCommand,
     StatusPayload,
     TriggerCommand,
 )
 from lineside.agent.plugins import StrictConfig
-from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.results import INJECTED_SOURCE, Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -126,6 +131,7 @@ class MqttService:
 
     def start(self, stop: threading.Event) -> None:
         self._stop = stop
+        self._restore_thresholds()
         self.link.start()
         for name, target in (("commands", self._command_loop), ("metrics", self._metrics_loop)):
             thread = threading.Thread(target=target, name=f"lineside-mqtt-{name}", daemon=True)
@@ -315,9 +321,139 @@ class MqttService:
             return {"changed": agent.resume(), "paused": False}
         if name == "trigger":
             trigger: TriggerCommand = data
+            if trigger.file is not None:
+                return self._inspect_file(trigger)
+            assert trigger.part_id is not None  # the model requires part_id or file
             agent.tag_next(trigger.part_id, trigger.view)
             return {"part_id": trigger.part_id, "view": trigger.view}
+        if name == "set-thresholds":
+            return self._set_thresholds(data)
         raise CommandRefused(f"command {name!r} has no handler")  # a model without a handler: a bug
+
+    # -- trigger with a file -----------------------------------------------------------------------
+
+    def _allowed_file(self, name: str) -> Path:
+        """The real path of `name` when it is a regular file inside an allowed folder; CommandRefused otherwise."""
+        folders = self.config.commands.trigger_folders
+        if not folders:
+            raise CommandRefused("trigger with a file is switched off (mqtt.commands.trigger_folders is empty)")
+        raw = Path(name)
+        if not raw.is_absolute():
+            raise CommandRefused(f"file {name[:256]!r} must be an absolute path")
+        try:
+            # Resolve first: '..' and symbolic links must not lead out of an allowed folder.
+            real = raw.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CommandRefused(f"file {name[:256]!r} does not exist") from None
+        allowed = [Path(f).resolve() for f in folders]
+        if not any(real.is_relative_to(folder) for folder in allowed):
+            raise CommandRefused(f"file {name[:256]!r} is outside the allowed folders {[str(f) for f in allowed]}")
+        if not real.is_file():
+            raise CommandRefused(f"file {name[:256]!r} is not a regular file")
+        return real
+
+    def _inspect_file(self, trigger: TriggerCommand) -> dict[str, Any]:
+        assert trigger.file is not None
+        path = self._allowed_file(trigger.file)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CommandRefused(f"file {str(path)[:256]!r} cannot be read: {err.strerror or err}") from err
+        from lineside.agent.sources.base import frame_from_bytes  # here: sources import the agent config
+
+        digest = hashlib.sha256(data).hexdigest()
+        frame = frame_from_bytes(
+            data,
+            name=path.name,
+            source=INJECTED_SOURCE,
+            key=f"{path}:{digest}",  # same file, same content: same result id (de-duplicated downstream)
+            max_pixels=DEFAULT_MAX_PIXELS,
+            part_id=trigger.part_id,
+            view=trigger.view,
+            meta={"file": str(path), "tagged_by": "trigger-file"},
+            station=self.station,
+        )
+        try:
+            self.agent.inspect_now(frame)
+        except RuntimeError as err:
+            raise CommandRefused(str(err)) from err
+        return {
+            "file": str(path),
+            "result_id": frame.result_id,
+            "part_id": trigger.part_id,
+            "view": trigger.view,
+            "decode_error": None if frame.error is None else frame.error.code,
+        }
+
+    # -- thresholds ------------------------------------------------------------------------------
+
+    def _restore_thresholds(self) -> None:
+        """Apply the overrides saved for this bundle version (a restart keeps them); report either way."""
+        engine = self.agent.engine
+        state = self.config.state_dir
+        if engine is None or not thresholds.supports_overrides(engine) or not (state / thresholds.STATE_FILE).exists():
+            return
+        manifest = engine.manifest
+        try:
+            overrides = thresholds.load(state, engine, manifest.bundle_id, manifest.version)  # type: ignore[arg-type]
+            engine.set_threshold_overrides(overrides)  # type: ignore[attr-defined]
+        except ValueError as err:  # ThresholdError included: the bundle's thresholds stay
+            logger.warning("mqtt: saved thresholds not applied: %s", err)
+            self.agent.events.publish(
+                "thresholds_not_restored", str(err), state_file=str(state / thresholds.STATE_FILE)
+            )
+            return
+        if overrides:
+            logger.info(
+                "mqtt: thresholds restored from %s: %s", state / thresholds.STATE_FILE, thresholds.dump(overrides)
+            )
+            self.agent.events.publish(
+                "thresholds_restored",
+                f"threshold overrides restored for bundle {manifest.version}",
+                overrides=thresholds.dump(overrides),
+            )
+
+    def _set_thresholds(self, command: SetThresholdsCommand) -> dict[str, Any]:
+        engine: Any = self.agent.engine
+        if engine is None or not thresholds.supports_overrides(engine):
+            raise CommandRefused("this engine has no adjustable thresholds")
+        before = engine.effective_thresholds() if hasattr(engine, "effective_thresholds") else engine.thresholds()
+        previous = engine.threshold_overrides()
+        try:
+            overrides = thresholds.merged_overrides(engine, command.thresholds, reset=command.reset)
+        except thresholds.ThresholdError as err:
+            raise CommandRefused(str(err)) from err
+        manifest = engine.manifest
+        # Persist first: a change the next start would forget is refused rather than half made.
+        try:
+            path = thresholds.save(self.config.state_dir, manifest.bundle_id, manifest.version, overrides)
+        except OSError as err:
+            raise CommandRefused(f"cannot save the thresholds in {self.config.state_dir}: {err}") from err
+        try:
+            engine.set_threshold_overrides(overrides)
+        except ValueError as err:  # refused by the engine: put the file back as it was
+            thresholds.save(self.config.state_dir, manifest.bundle_id, manifest.version, previous)
+            raise CommandRefused(str(err)) from err
+        after = {**engine.thresholds(), **overrides}
+        changed = {
+            kind: {"from": before[kind].model_dump(mode="json"), "to": value.model_dump(mode="json")}
+            for kind, value in after.items()
+            if before.get(kind) != value
+        }
+        self.agent.events.publish(
+            "thresholds_changed",
+            f"thresholds changed for {sorted(changed) or 'no model'} (bundle {manifest.version})",
+            changed=changed,
+            reset=command.reset,
+            request_id=command.request_id,
+            bundle_version=manifest.version,
+        )
+        logger.info("mqtt: thresholds changed: %s (saved in %s)", changed, path)
+        return {
+            "thresholds": thresholds.dump(after),
+            "overrides": thresholds.dump(overrides),
+            "changed": sorted(changed),
+        }
 
     def _reply(self, message: mqtt.MQTTMessage, name: str, reply: CommandReply) -> None:
         payload = reply.model_dump_json().encode()

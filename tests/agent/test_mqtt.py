@@ -41,6 +41,7 @@ def mqtt_config(tmp_path: Path, images: Path, port: int, *, source: dict[str, An
                 "reconnect_min_s": 1,
                 "reconnect_max_s": 1,
                 "metrics_interval_s": 0,
+                "state_dir": str(tmp_path / "state"),
                 **mqtt,
             },
         }
@@ -203,6 +204,9 @@ BAD_COMMANDS = [
     ("reboot", b"{}", "unknown command"),
     ("pause", b'{"request_id": "' + b"x" * 5000 + b'"}', "over the limit"),
     ("pause", b"\xff\xfe", "not valid JSON"),
+    ("trigger", b'{"file": "/etc/hostname"}', "trigger_folders is empty"),
+    ("trigger", b'{"view": 1}', "part_id"),
+    ("set-thresholds", b'{"thresholds": {"classifier": {"image": 0.5}}}', "no adjustable thresholds"),
 ]
 
 
@@ -251,18 +255,45 @@ def test_a_switched_off_command_is_refused(
 
 
 def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_change_it_when_invalid(
-    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_real_agent: Callable,
+    put_png: Callable[..., Path],
 ) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     from lineside.agent.mqtt.payloads import COMMAND_MODELS
 
-    # given one running agent and broker for every example
+    # given one running agent (the real bundle: its thresholds can change) and broker for every example
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    put_png(allowed / "ok.png", value=30)
+    put_png(tmp_path / "outside.png", value=30)
     broker = mosquitto()
     line = plc(broker.port, PREFIX)
-    agent = run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}))
-    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+    agent = run_real_agent(
+        mqtt_config(
+            tmp_path,
+            images,
+            broker.port,
+            source={"loop": True, "rate_hz": 5},
+            commands={"trigger_folders": [str(allowed)]},
+        )
+    )
+    online(line)
+    state_file = tmp_path / "state" / "thresholds.json"
+
+    def state() -> tuple[Any, ...]:
+        return (
+            agent.status().paused,
+            agent.pipeline.pending_tag(),
+            agent.engine.effective_thresholds(),
+            state_file.exists(),
+        )
+
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
@@ -270,48 +301,71 @@ def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_cha
     )
     payloads = st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
     invalid_fields = st.dictionaries(
-        st.sampled_from(["part_id", "view", "request_id", "x"]), json_values, min_size=1, max_size=3
+        st.sampled_from(["part_id", "view", "request_id", "x", "file", "thresholds", "reset"]),
+        json_values,
+        min_size=1,
+        max_size=3,
     ).map(lambda d: json.dumps(d).encode())
+    # Threshold-shaped requests: real kinds and fields, values in and far out of the bundle's bounds.
+    threshold_requests = st.dictionaries(
+        st.sampled_from(["classifier", "ssd", "vae", "unet", ""]),
+        st.dictionaries(
+            st.sampled_from(["image", "box", "pixel", "min_area", "kind"]),
+            st.floats(allow_nan=False, min_value=-1e12, max_value=1e12) | st.integers(-5, 10**6) | json_values,
+            max_size=3,
+        ),
+        max_size=3,
+    ).map(lambda d: json.dumps({"thresholds": d}).encode())
+    files = st.sampled_from(
+        [str(tmp_path / "outside.png"), f"{allowed}/../outside.png", "ok.png", str(allowed), "/etc/passwd", ""]
+    ).map(lambda f: json.dumps({"file": f, "part_id": "P1"}).encode())
     sent = {"n": 0}
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(command=st.sampled_from([*COMMAND_MODELS, "nope"]), payload=payloads | invalid_fields)
+    @given(command=st.sampled_from(["status", "nope", "cmd"]), payload=payloads | invalid_fields)
     def throw(command: str, payload: bytes) -> None:
-        if command in ("pause", "resume", "trigger"):
-            return  # valid ones of these change state on purpose; they are covered by the tests above
-        before = (agent.status().paused, agent.pipeline.pending_tag())
+        before = state()
         replies = len(line.on(f"cmd/{command}/reply"))
         line.send(command, payload)
         reply = reply_to(line, command, replies + 1)
         sent["n"] += 1
         # then a reply always comes, and state is unchanged (status and unknown commands change nothing)
-        assert (agent.status().paused, agent.pipeline.pending_tag()) == before
+        assert state() == before
         assert reply["ok"] is (command == "status" and reply["error"] is None)
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(command=st.sampled_from(["pause", "resume", "trigger"]), payload=payloads | invalid_fields)
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(
+        command=st.sampled_from(["pause", "resume", "trigger", "set-thresholds"]),
+        payload=payloads | invalid_fields | threshold_requests | files,
+    )
     def throw_at_stateful(command: str, payload: bytes) -> None:
         model = COMMAND_MODELS[command]
         try:
             valid = model.model_validate_json(payload or b"{}") is not None and len(payload) <= 4096
         except ValueError:
             valid = False
-        if valid:
-            return  # a valid command is meant to act
-        before = (agent.status().paused, agent.pipeline.pending_tag())
+        if valid and command != "set-thresholds":
+            return  # a valid command is meant to act (set-thresholds may still be out of bounds: sent)
+        before = state()
         replies = len(line.on(f"cmd/{command}/reply"))
         line.send(command, payload)
         reply = reply_to(line, command, replies + 1)
         sent["n"] += 1
-        assert reply["ok"] is False and reply["error"]
-        assert (agent.status().paused, agent.pipeline.pending_tag()) == before
+        if reply["ok"]:
+            # only a request valid in form and within the bundle's bounds may act; undo it for the next one
+            assert valid and command == "set-thresholds"
+            agent.engine.set_threshold_overrides({})
+            state_file.unlink()
+            return
+        assert reply["error"]
+        assert state() == before
 
     # when hypothesis throws arbitrary payloads at every command topic
     throw()
     throw_at_stateful()
 
     # then the agent still runs and still answers
-    assert sent["n"] > 20
+    assert sent["n"] > 60
     assert agent.status().state == "running"
     replies = len(line.on("cmd/status/reply"))
     line.send("status", b"")
@@ -374,3 +428,236 @@ def test_a_missing_tls_file_is_a_config_error_naming_the_key(
     assert any(p.startswith("mqtt.tls.ca_file: ") and "does not exist" in p for p in problems)
     assert code == 78
     assert engine.calls == [] and engine.closed
+
+
+# -- set-thresholds and trigger with a file ------------------------------------------------------------
+
+
+@pytest.fixture
+def run_real_agent(test_bundle: Path) -> Iterator[Callable[[AgentConfig], Agent]]:
+    """Starts agents serving the real test bundle on CPU (thresholds are the bundle's); stops them at the end."""
+    from lineside.agent.inference.engine import InferenceEngine
+
+    agents: list[Agent] = []
+
+    def start(config: AgentConfig) -> Agent:
+        agent = Agent(config, engine_loader=lambda c: InferenceEngine.load(test_bundle, providers=["cpu"]))
+        agents.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+def online(line: Any) -> None:
+    line.wait_for(lambda: any(s["state"] == "online" for s in line.json_on("status")), "status online")
+
+
+def test_set_thresholds_changes_the_verdicts_is_reported_and_survives_a_restart(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_real_agent: Callable
+) -> None:
+    # given an agent serving the real bundle, replaying a looping stream
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    config = mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 10})
+    agent = run_real_agent(config)
+    online(line)
+    bundle = agent.engine.thresholds()
+
+    # when the PLC sets the classifier's threshold to 0 (every frame fires) and the SSD box threshold
+    line.send(
+        "set-thresholds",
+        json.dumps({"request_id": "t-1", "thresholds": {"classifier": {"image": 0.0}, "ssd": {"box": 0.9}}}),
+    )
+    reply = reply_to(line, "set-thresholds")
+
+    # then the reply is ok and gives the thresholds now in force
+    assert reply["ok"] is True and reply["request_id"] == "t-1", reply
+    assert reply["result"]["thresholds"]["classifier"]["image"] == 0.0
+    assert reply["result"]["thresholds"]["ssd"] == {**bundle["ssd"].model_dump(mode="json"), "box": 0.9}
+    assert reply["result"]["changed"] == ["classifier", "ssd"]
+    # and it went out as an event naming old and new values
+    line.wait_for(lambda: "thresholds_changed" in [e["kind"] for e in line.json_on("event")], "the event")
+    event = next(e for e in line.json_on("event") if e["kind"] == "thresholds_changed")
+    assert event["data"]["changed"]["classifier"]["from"]["image"] == pytest.approx(bundle["classifier"].image)
+    assert event["data"]["changed"]["classifier"]["to"]["image"] == 0.0
+    assert event["data"]["request_id"] == "t-1"
+    # and frames inspected from now on are decided with it: every one fires
+    seen = len(line.on("result"))
+    line.wait_for(lambda: len(line.on("result")) >= seen + 6, "results after the change")
+    later = line.json_on("result")[seen + 3 :]
+    assert later and all(r["is_defective"] is True and r["score"] == 1.0 for r in later)
+    # and the state file holds the overrides for this bundle version
+    saved = json.loads((tmp_path / "state" / "thresholds.json").read_text())
+    assert saved["bundle_version"] == agent.engine.manifest.version
+    assert saved["overrides"]["classifier"]["image"] == 0.0 and saved["overrides"]["ssd"]["box"] == 0.9
+
+    # when the agent restarts
+    agent.stop()
+    again = run_real_agent(config)
+
+    # then the overrides are in force again, and the restore is reported
+    assert again.engine.effective_thresholds()["classifier"].image == 0.0
+    assert again.engine.effective_thresholds()["ssd"].box == 0.9
+    line.wait_for(lambda: "thresholds_restored" in [e["kind"] for e in line.json_on("event")], "the restore event")
+
+    # when the PLC resets, then the bundle's thresholds are back, also after the next restart
+    line.send("set-thresholds", b'{"reset": true}')
+    reset = reply_to(line, "set-thresholds", 2)
+    assert reset["ok"] is True and reset["result"]["overrides"] == {}
+    assert again.engine.threshold_overrides() == {}
+    again.stop()
+    third = run_real_agent(config)
+    assert third.engine.threshold_overrides() == {}
+
+
+BAD_THRESHOLDS = [
+    ({"thresholds": {"classifier": {"image": 1.5}}}, "outside the bounds the bundle allows [0, 1]"),
+    ({"thresholds": {"ssd": {"box": -0.1}}}, "outside the bounds"),
+    ({"thresholds": {"vae": {"image": 1e9}}}, "outside the bounds"),
+    ({"thresholds": {"vae": {"min_area": 0}}}, "outside the bounds"),
+    ({"thresholds": {"vae": {"min_area": 120.5}}}, "integer"),
+    ({"thresholds": {"unet": {"image": 0.5}}}, "unknown model kind 'unet'"),
+    ({"thresholds": {"classifier": {"pixel": 0.5}}}, "cannot be set at run time"),
+    ({"thresholds": {"classifier": {"kind": 1.0}}}, "cannot be set at run time"),
+    ({"thresholds": {"classifier": {"image": "0.5"}}}, "valid number"),
+    ({"thresholds": {"classifier": {"image": True}}}, "valid number"),
+    ({"thresholds": {"classifier": {"image": None}}}, "valid number"),
+    ({"thresholds": {"classifier": {}}}, "at least one field"),
+    ({"thresholds": {}}, "either thresholds"),
+    ({"reset": True, "thresholds": {"classifier": {"image": 0.2}}}, "either thresholds"),
+    ({"reset": "yes"}, "reset"),
+    ({"thresholds": {"classifier": {"image": 0.2}}, "extra": 1}, "extra"),
+]
+
+
+def test_invalid_set_thresholds_get_an_error_reply_and_change_nothing(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_real_agent: Callable
+) -> None:
+    # given an agent serving the real bundle, with no overrides and no state file
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_real_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 2}))
+    online(line)
+    before = agent.engine.effective_thresholds()
+
+    for count, (payload, error) in enumerate(
+        [*BAD_THRESHOLDS, (b'{"thresholds": {"classifier": {"image": NaN}}}', "")], 1
+    ):
+        # when the PLC sends an invalid or out-of-bounds request
+        line.send("set-thresholds", payload if isinstance(payload, bytes) else json.dumps(payload))
+        reply = reply_to(line, "set-thresholds", count)
+        # then it is refused, naming the problem, and nothing changed: engine, state file, events
+        assert reply["ok"] is False and error in reply["error"], (payload, reply)
+        assert agent.engine.effective_thresholds() == before
+        assert agent.engine.threshold_overrides() == {}
+        assert not (tmp_path / "state" / "thresholds.json").exists()
+    assert "thresholds_changed" not in [e["kind"] for e in line.json_on("event")]
+
+
+def test_saved_thresholds_of_another_bundle_version_are_not_applied_and_say_so(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_real_agent: Callable
+) -> None:
+    # given a state file written for another bundle version
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "thresholds.json").write_text(
+        json.dumps({"bundle_id": "x", "bundle_version": "1999.01.01-1", "overrides": {"classifier": {"image": 0.0}}})
+    )
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+
+    # when the agent starts, then it keeps the bundle's thresholds and reports why
+    agent = run_real_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 2}))
+    assert agent.engine.threshold_overrides() == {}
+    line.wait_for(lambda: "thresholds_not_restored" in [e["kind"] for e in line.json_on("event")], "the event")
+    event = next(e for e in line.json_on("event") if e["kind"] == "thresholds_not_restored")
+    assert "1999.01.01-1" in event["message"]
+
+
+def test_trigger_with_a_file_inside_an_allowed_folder_inspects_it_now_tagged_even_while_paused(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    put_png: Callable[..., Path],
+) -> None:
+    # given a paused agent whose config allows files from one folder
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    image = put_png(allowed / "sub" / "part.png", value=200)
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(
+            tmp_path,
+            images,
+            broker.port,
+            source={"loop": True, "rate_hz": 5},
+            commands={"trigger_folders": [str(allowed)]},
+        )
+    )
+    online(line)
+    agent.pause()
+
+    # when the PLC names the file, with a part serial and view
+    line.send("trigger", json.dumps({"file": str(image), "part_id": "W-77", "view": 3, "request_id": "f-1"}))
+    reply = reply_to(line, "trigger")
+
+    # then the reply gives the result id, and that result arrives tagged with the part, view and file
+    assert reply["ok"] is True, reply
+    result_id = reply["result"]["result_id"]
+    line.wait_for(lambda: result_id in line.result_ids(), "the file's result")
+    result = next(r for r in line.json_on("result") if r["result_id"] == result_id)
+    assert (result["part_id"], result["view"], result["error"]) == ("W-77", 3, None)
+    assert result["meta"] == {"file": str(image), "tagged_by": "trigger-file"}
+    assert result["source"] == "trigger" and result["is_defective"] is not None
+    # and the agent is still paused, the file is where it was, and no source frame was tagged
+    assert agent.status().paused and image.exists() and agent.pipeline.pending_tag() is None
+
+
+def test_trigger_with_a_file_outside_the_allowed_folders_is_refused_with_a_clear_error(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    put_png: Callable[..., Path],
+) -> None:
+    # given an allowed folder, an image outside it, and a symbolic link inside that points outside
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "folder").mkdir()
+    outside = put_png(tmp_path / "outside.png", value=50)
+    (allowed / "link.png").symlink_to(outside)
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(
+            tmp_path,
+            images,
+            broker.port,
+            source={"loop": True, "rate_hz": 5},
+            commands={"trigger_folders": [str(allowed)]},
+        )
+    )
+    online(line)
+    cases = [
+        (str(outside), "outside the allowed folders"),
+        (f"{allowed}/../outside.png", "outside the allowed folders"),
+        (str(allowed / "link.png"), "outside the allowed folders"),
+        (str(allowed / "missing.png"), "does not exist"),
+        ("allowed/part.png", "must be an absolute path"),
+        (str(allowed / "folder"), "not a regular file"),
+    ]
+    for count, (name, error) in enumerate(cases, 1):
+        # when the PLC names it, then the reply is an error naming the problem
+        line.send("trigger", json.dumps({"file": name}))
+        reply = reply_to(line, "trigger", count)
+        assert reply["ok"] is False and error in reply["error"], (name, reply)
+    # and nothing was inspected from outside
+    assert all(r["source"] != "trigger" for r in line.json_on("result"))
+    assert agent.pipeline.pending_tag() is None
