@@ -90,6 +90,23 @@ class CommandsConfig(StrictConfig):
         return found
 
 
+class PartsConfig(StrictConfig):
+    """Part-level verdicts on `<prefix>/part`: all views of a part id gathered into one message."""
+
+    views: int = Field(ge=1, le=1000, description="Views per part; a part is complete when all are in.")
+    first_view: int = Field(default=1, ge=0, le=1000, description="Number of the first view (views are consecutive).")
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="A part whose next view has not arrived this long after the last is closed as incomplete, "
+        "naming the views it lacks.",
+    )
+    max_open: int = Field(
+        default=1000, ge=1, le=100_000, description="Parts open at once at most; beyond it the oldest is closed."
+    )
+
+
 class MqttConfig(StrictConfig):
     """MQTT to the line's PLC/SCADA: results, status, events, metrics, commands."""
 
@@ -117,6 +134,9 @@ class MqttConfig(StrictConfig):
     tls: TlsConfig | None = Field(default=None, description="TLS settings; None = plain TCP.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Accepted commands.")
+    parts: PartsConfig | None = Field(
+        default=None, description="Part-level verdicts on the `part` topic; None = no `part` messages."
+    )
     state_dir: Path = Field(
         default=Path("/var/lib/lineside/state"),
         description="Folder of state that must survive a restart: thresholds.json (set-thresholds overrides, "

@@ -42,6 +42,39 @@ class EventPayload(_Payload):
     at: datetime = Field(description="When the event happened (UTC).")
 
 
+class PartView(_Payload):
+    """One view of a part, as its result said."""
+
+    view: int = Field(description="View number.")
+    result_id: str = Field(description="The view's result id (on the `result` topic).")
+    is_defective: bool | None = Field(description="The view's verdict; None when it could not be inspected.")
+    score: float | None = Field(default=None, description="The view's score in [0, 1].")
+    error: str | None = Field(default=None, description="Error code when the view could not be inspected.")
+
+
+class PartPayload(_Payload):
+    """`<prefix>/part`: the part-level verdict once all views of a part id are in (or it timed out)."""
+
+    part_id: str = Field(description="Part serial.")
+    station: str = Field(description="Station name.")
+    verdict: Literal["good", "defective", "unknown"] = Field(
+        description="defective: at least one view is (complete or not); good: every expected view is in and "
+        "good; unknown: a view is missing or could not be inspected, and none is defective."
+    )
+    complete: bool = Field(description="True when every expected view is in.")
+    closed_by: Literal["all_views", "timeout", "overflow", "shutdown"] = Field(
+        description="Why the part was closed: all views in, views stopped arriving (timeout_s), too many open "
+        "parts (max_open), or the agent stopped."
+    )
+    score: float | None = Field(default=None, description="Highest view score.")
+    views_expected: list[int] = Field(description="The configured view numbers.")
+    views_seen: list[int] = Field(description="View numbers that arrived.")
+    views_missing: list[int] = Field(description="Expected views that did not arrive.")
+    views: list[PartView] = Field(description="Each view that arrived, by view number.")
+    opened_at: datetime = Field(description="When the first view arrived (UTC).")
+    closed_at: datetime = Field(description="When the part was closed (UTC).")
+
+
 class OutboxStats(_Payload):
     """The outbox as seen in `metrics`."""
 
@@ -64,6 +97,11 @@ class MetricsPayload(_Payload):
     )
     outbox: OutboxStats = Field(description="The durable outbox.")
     mqtt: dict[str, int] = Field(description="Connection counters: connects, disconnects, refused, published.")
+    parts: dict[str, int] = Field(
+        default_factory=dict,
+        description="With `parts` configured: parts closed by reason (all_views, timeout, overflow, shutdown), "
+        "results whose view is not a configured one (ignored), and parts open now (open).",
+    )
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -163,6 +201,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     return {
         "status": StatusPayload.model_json_schema(),
         "result": InspectionResult.model_json_schema(),
+        "part": PartPayload.model_json_schema(),
         "event": EventPayload.model_json_schema(),
         "metrics": MetricsPayload.model_json_schema(),
         "cmd/pause, cmd/resume, cmd/status": EmptyCommand.model_json_schema(),

@@ -31,12 +31,14 @@ from lineside.agent.mqtt import thresholds
 from lineside.agent.mqtt.config import PASSWORD_CREDENTIAL, MqttConfig
 from lineside.agent.mqtt.link import MqttLink
 from lineside.agent.mqtt.outbox import Outbox
+from lineside.agent.mqtt.parts import PartTracker
 from lineside.agent.mqtt.payloads import (
     COMMAND_MODELS,
     CommandReply,
     EventPayload,
     MetricsPayload,
     OutboxStats,
+    PartPayload,
     SetThresholdsCommand,
     StatusPayload,
     TriggerCommand,
@@ -110,6 +112,7 @@ class MqttService:
             on_problem=lambda kind, message, data: agent.events.publish(kind, message, **data),
         )
         self.sink = MqttResultSink(self)
+        self.parts = None if config.parts is None else PartTracker(config.parts, self.station)
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._commands: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=_COMMAND_QUEUE)
@@ -133,7 +136,11 @@ class MqttService:
         self._stop = stop
         self._restore_thresholds()
         self.link.start()
-        for name, target in (("commands", self._command_loop), ("metrics", self._metrics_loop)):
+        for name, target in (
+            ("commands", self._command_loop),
+            ("metrics", self._metrics_loop),
+            ("parts", self._parts_loop),
+        ):
             thread = threading.Thread(target=target, name=f"lineside-mqtt-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -153,6 +160,9 @@ class MqttService:
         self._closing.set()
         self._unsubscribe()
         try:
+            if self.parts is not None:
+                # Open parts live in memory only: report them (incomplete) rather than forget them.
+                self._put_parts(self.parts.close_all())
             if self.link.connected.is_set() and self.config.drain_timeout_s > 0:
                 self.link.drain(self.config.drain_timeout_s)
             self.link.close(self._status_payload("stopped"))
@@ -169,7 +179,25 @@ class MqttService:
             qos=self.config.qos,
             key=result.result_id,
         )
+        if self.parts is not None:
+            self._put_parts(self.parts.add(result))
         self.link.wake()
+
+    def _put_parts(self, parts: list[PartPayload]) -> None:
+        for part in parts:
+            self.outbox.put(self.link.topic("part"), part.model_dump_json().encode(), qos=self.config.qos)
+        if parts:
+            self.link.wake()
+
+    def _parts_loop(self) -> None:
+        if self.parts is None:
+            return
+        tick = min(1.0, self.parts.config.timeout_s / 4)
+        while not self._closing.wait(tick):
+            try:
+                self._put_parts(self.parts.expire())
+            except Exception:
+                logger.exception("mqtt: closing timed-out parts failed; retrying")
 
     def _on_event(self, event: Event) -> None:
         # Synchronous on the publisher's thread: one SQLite commit, no network.
@@ -215,6 +243,7 @@ class MqttService:
                 rejected=outbox.get("rejected", 0),
             ),
             mqtt=dict(self.link.counters),
+            parts={} if self.parts is None else {**self.parts.counters, "open": self.parts.open_parts()},
         )
 
     def _metrics_loop(self) -> None:
@@ -366,7 +395,9 @@ class MqttService:
             data,
             name=path.name,
             source=INJECTED_SOURCE,
-            key=f"{path}:{digest}",  # same file, same content: same result id (de-duplicated downstream)
+            # Same file, content and tag: same result id (a repeated request is de-duplicated downstream);
+            # the same file named for another part or view is another inspection.
+            key=f"{path}:{digest}:{trigger.part_id}:{trigger.view}",
             max_pixels=DEFAULT_MAX_PIXELS,
             part_id=trigger.part_id,
             view=trigger.view,

@@ -661,3 +661,119 @@ def test_trigger_with_a_file_outside_the_allowed_folders_is_refused_with_a_clear
     # and nothing was inspected from outside
     assert all(r["source"] != "trigger" for r in line.json_on("result"))
     assert agent.pipeline.pending_tag() is None
+
+
+# -- part-level verdicts -------------------------------------------------------------------------------
+
+
+def test_part_verdicts_once_all_views_are_in_and_after_a_timeout_naming_the_missing_views(
+    tmp_path: Path,
+    images: Path,
+    mosquitto: Callable,
+    plc: Callable,
+    run_agent: Callable,
+    put_png: Callable[..., Path],
+) -> None:
+    # given parts of 3 views (1, 2, 3) closed 3 s after their last view, and a paused agent (no source frames)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    good = put_png(allowed / "good.png", value=30)  # the recording engine: mean < 0.3 -> good
+    bad = put_png(allowed / "bad.png", value=200)
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(
+            tmp_path,
+            images,
+            broker.port,
+            source={"loop": True, "rate_hz": 5},
+            commands={"trigger_folders": [str(allowed)]},
+            parts={"views": 3, "first_view": 1, "timeout_s": 3.0},
+        )
+    )
+    online(line)
+    agent.pause()
+
+    def inspect(part: str, view: int, image: Path) -> None:
+        count = len(line.on("cmd/trigger/reply"))
+        line.send("trigger", json.dumps({"file": str(image), "part_id": part, "view": view}))
+        assert reply_to(line, "trigger", count + 1)["ok"] is True
+
+    def part(part_id: str) -> dict[str, Any]:
+        line.wait_for(lambda: any(p["part_id"] == part_id for p in line.json_on("part")), f"part {part_id}")
+        return next(p for p in line.json_on("part") if p["part_id"] == part_id)
+
+    # when part A gets its 3 good views
+    for view in (1, 2, 3):
+        inspect("A", view, good)
+    # then one part message says good, complete, with the 3 views' result ids
+    a = part("A")
+    assert (a["verdict"], a["complete"], a["closed_by"], a["views_missing"]) == ("good", True, "all_views", [])
+    a_ids = {v["result_id"] for v in a["views"]}
+    line.wait_for(lambda: a_ids <= set(line.result_ids()), "A's results")
+    assert [v["view"] for v in a["views"]] == [1, 2, 3]
+
+    # when part B gets a good view 1 and a defective view 2, then nothing more; part C only a good view 1
+    inspect("B", 1, good)
+    inspect("B", 2, bad)
+    inspect("C", 1, good)
+    # then after the timeout B is closed defective and C unknown, each naming the views it lacks
+    b, c = part("B"), part("C")
+    assert (b["verdict"], b["complete"], b["closed_by"], b["views_missing"]) == ("defective", False, "timeout", [3])
+    assert (c["verdict"], c["complete"], c["closed_by"], c["views_missing"]) == ("unknown", False, "timeout", [2, 3])
+    # and each part was published exactly once, through the outbox (empty once acknowledged)
+    assert sorted(p["part_id"] for p in line.json_on("part")) == ["A", "B", "C"]
+    line.wait_for(lambda: agent.services[0].outbox.depth() == 0, "the outbox to empty")
+    assert agent.services[0].metrics().parts == {
+        "all_views": 1,
+        "timeout": 2,
+        "overflow": 0,
+        "shutdown": 0,
+        "ignored": 0,
+        "open": 0,
+    }
+
+
+def test_part_tracker_counts_a_redelivery_once_ignores_unknown_views_and_closes_the_oldest_on_overflow() -> None:
+    from datetime import UTC, datetime
+
+    from lineside.agent.mqtt.config import PartsConfig
+    from lineside.agent.mqtt.parts import PartTracker
+    from lineside.agent.results import InspectionResult, ResultError
+
+    def result(rid: str, part: str, view: int | None, defective: bool | None = False) -> InspectionResult:
+        return InspectionResult(
+            result_id=rid,
+            frame_id=rid,
+            source="test",
+            part_id=part,
+            view=view,
+            captured_at=datetime.now(UTC),
+            inspected_at=datetime.now(UTC),
+            bundle_id="b",
+            bundle_version="v",
+            providers=[],
+            is_defective=defective,
+            score=None if defective is None else 0.1,
+            error=ResultError(code="decode_failed", message="x") if defective is None else None,
+        )
+
+    tracker = PartTracker(PartsConfig(views=2, first_view=0, timeout_s=10, max_open=2), "cell-07")
+    # a redelivered result (same id) and a view out of range do not complete a part
+    assert tracker.add(result("r1", "P", 0), now=0.0) == []
+    assert tracker.add(result("r1", "P", 0), now=1.0) == []
+    assert tracker.add(result("r9", "P", 7), now=1.0) == []
+    assert tracker.counters["ignored"] == 1
+    # a result without a view fills the first free one
+    [done] = tracker.add(result("r2", "P", None), now=2.0)
+    assert (done.verdict, done.views_seen) == ("good", [0, 1])
+    # opening a third part closes the oldest open one as overflow
+    tracker.add(result("q1", "Q", 0), now=3.0)
+    tracker.add(result("s1", "S", 0, defective=None), now=4.0)
+    [oldest] = tracker.add(result("t1", "T", 0), now=5.0)
+    assert (oldest.part_id, oldest.closed_by, oldest.views_missing) == ("Q", "overflow", [1])
+    # expiry is measured from the last view; shutdown closes the rest
+    assert [p.part_id for p in tracker.expire(now=14.5)] == ["S"]
+    assert tracker.expire(now=14.5) == []
+    [last] = tracker.close_all()
+    assert (last.part_id, last.closed_by, last.verdict) == ("T", "shutdown", "unknown")
