@@ -777,3 +777,181 @@ def test_part_tracker_counts_a_redelivery_once_ignores_unknown_views_and_closes_
     assert tracker.expire(now=14.5) == []
     [last] = tracker.close_all()
     assert (last.part_id, last.closed_by, last.verdict) == ("T", "shutdown", "unknown")
+
+
+# -- TLS and MQTT 3.1.1 ----------------------------------------------------------------------------------
+
+
+def make_ca(folder: Path, name: str) -> tuple[Path, Any, Any]:
+    """A throwaway CA: (its PEM file, certificate, key)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, cert, key
+
+
+def make_server_cert(folder: Path, ca_cert: Any, ca_key: Any) -> tuple[Path, Path]:
+    """A broker certificate for 127.0.0.1 and localhost signed by the CA: (cert file, key file)."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "broker")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "broker.pem", folder / "broker.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, mosquitto: Callable) -> tuple[Any, int, Path, Path]:
+    """A broker whose main listener is TLS (a throwaway CA), plus a plain listener for the PLC:
+    (broker, plain port, the right CA file, a wrong CA file)."""
+    import socket
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_file, ca_cert, ca_key = make_ca(pki, "line-ca")
+    wrong_ca, _, _ = make_ca(pki, "other-ca")
+    cert_file, key_file = make_server_cert(pki, ca_cert, ca_key)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        plain = int(sock.getsockname()[1])
+    broker = mosquitto(
+        extra_conf=f"cafile {ca_file}\ncertfile {cert_file}\nkeyfile {key_file}\nlistener {plain} 127.0.0.1\n"
+    )
+    return broker, plain, ca_file, wrong_ca
+
+
+def test_tls_with_the_right_ca_connects_and_delivers(
+    tmp_path: Path, images: Path, tls_broker: tuple[Any, int, Path, Path], plc: Callable, run_agent: Callable
+) -> None:
+    # given a TLS broker (host name checked: the certificate names 127.0.0.1) and a PLC on its plain listener
+    broker, plain, ca_file, _ = tls_broker
+    line = plc(plain, PREFIX)
+
+    # when an agent connects with the CA that signed the broker's certificate
+    agent = run_agent(
+        mqtt_config(tmp_path, images, broker.port, source={"max_frames": 4}, tls={"ca_file": str(ca_file)})
+    )
+
+    # then it goes online and every result arrives, over TLS
+    line.wait_for(lambda: len(line.result_ids()) == 4, "4 results over TLS")
+    assert line.json_on("status")[0]["state"] == "online"
+    assert agent.services[0].link.counters["connects"] >= 1
+    assert "mqtt_tls_failed" not in [e["kind"] for e in line.json_on("event")]
+
+
+def test_tls_with_a_wrong_ca_is_refused_with_a_clear_event_no_crash_and_nothing_lost(
+    tmp_path: Path,
+    images: Path,
+    tls_broker: tuple[Any, int, Path, Path],
+    plc: Callable,
+    run_agent: Callable,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from lineside.agent.events import Event
+
+    # given a TLS broker and an agent that trusts another CA
+    broker, plain, ca_file, wrong_ca = tls_broker
+    line = plc(plain, PREFIX)
+    config = mqtt_config(tmp_path, images, broker.port, source={"max_frames": 3}, tls={"ca_file": str(wrong_ca)})
+    failures: list[Event] = []
+    agent = run_agent(config)
+    agent.events.subscribe(lambda e: failures.append(e) if e.kind == "mqtt_tls_failed" else None)
+
+    # when it tries to connect, then the handshake failure is reported as an event and logged, naming the cause
+    line.wait_for(lambda: len(failures) >= 1, "the TLS failure reported as an event")
+    assert "certificate verify failed" in failures[0].message
+    assert any("TLS handshake" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    # and the agent keeps running with its results in the outbox, none published
+    agent.wait()
+    assert agent.status().state == "running"
+    assert line.on("result") == [] and line.on("status") == []
+    agent.stop()
+    assert outbox_depth(tmp_path) >= 3
+
+    # when it restarts with the right CA, then the backlog arrives
+    config.mqtt.tls.ca_file = ca_file  # type: ignore[union-attr]
+    run_agent(config)
+    line.wait_for(lambda: len(line.result_ids()) == 3, "the 3 results once the CA is right")
+
+
+def test_mqtt_3_1_1_delivers_results_status_and_command_replies(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent speaking MQTT 3.1.1
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_agent(
+        mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 10}, protocol="3.1.1")
+    )
+    assert agent.services[0].link.v5 is False
+    online(line)
+
+    # when results flow and the PLC sends a command, then both work as with MQTT 5
+    line.wait_for(lambda: len(line.result_ids()) >= 5, "results over 3.1.1")
+    line.send("status", b'{"request_id": "s-311"}')
+    reply = reply_to(line, "status")
+    assert reply["ok"] is True and reply["request_id"] == "s-311"
+    # and the broker saw a 3.1.1 client (mosquitto logs its protocol as p2 = 3.1.1, p5 = 5)
+    log = (broker.folder / "mosquitto.log").read_text(errors="replace")
+    assert "as lineside-cell-07 (p2," in log, log[-2000:]
