@@ -317,7 +317,8 @@ class MqttLink:
                 f"the broker refused {len(rejected)} message(s): {rejected[0][1]}",
                 {"count": len(rejected), "reason": rejected[0][1]},
             )
-        evicted = self.outbox.take_unreported_evictions()
+        # Reported once connected: a report made during an outage would only wait in the full outbox.
+        evicted = self.outbox.take_unreported_evictions() if self.connected.is_set() else 0
         if evicted:
             self._on_problem(
                 "outbox_evicted",

@@ -203,7 +203,12 @@ class MqttService:
         # Synchronous on the publisher's thread: one SQLite commit, no network.
         data = json.loads(json.dumps(event.data, default=str))
         payload = EventPayload(kind=event.kind, message=event.message, station=self.station, data=data, at=event.at)
-        self.outbox.put(self.link.topic("event"), payload.model_dump_json().encode(), qos=self.config.qos)
+        self.outbox.put(
+            self.link.topic("event"),
+            payload.model_dump_json().encode(),
+            qos=self.config.qos,
+            evict=event.kind != "outbox_evicted",  # see Outbox.put
+        )
         self.link.wake()
 
     def _status_payload(self, state: Literal["online", "offline", "stopped"]) -> bytes:

@@ -955,3 +955,84 @@ def test_mqtt_3_1_1_delivers_results_status_and_command_replies(
     # and the broker saw a 3.1.1 client (mosquitto logs its protocol as p2 = 3.1.1, p5 = 5)
     log = (broker.folder / "mosquitto.log").read_text(errors="replace")
     assert "as lineside-cell-07 (p2," in log, log[-2000:]
+
+
+# -- metrics and outbox eviction -------------------------------------------------------------------------
+
+
+def test_metrics_are_published_periodically_and_their_counters_move_as_frames_flow(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent publishing metrics every 0.2 s while frames flow
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    run_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 20}, metrics_interval_s=0.2))
+
+    # when frames have flowed for a while
+    line.wait_for(lambda: len(line.result_ids()) >= 10, "10 results")
+    line.wait_for(
+        lambda: (
+            len(line.json_on("metrics")) >= 2
+            and line.json_on("metrics")[-1]["counters"]["results_out"]
+            > line.json_on("metrics")[0]["counters"]["results_out"]
+        ),
+        "metrics whose counters moved",
+    )
+
+    # then the counters grow from one message to the next, never back, and latency percentiles are given
+    metrics = line.json_on("metrics")
+    results_out = [m["counters"]["results_out"] for m in metrics]
+    published = [m["mqtt"]["published"] for m in metrics]
+    assert results_out == sorted(results_out) and published == sorted(published)
+    assert published[-1] > published[0]
+    last = metrics[-1]
+    assert last["state"] == "running" and last["paused"] is False
+    assert last["counters"]["frames_in"] >= last["counters"]["results_out"] > 0
+    assert {"p50", "p95"} <= set(last["counters"]["latency_ms"]["total"])
+    assert last["outbox"]["evicted"] == 0 and last["mqtt"]["connects"] >= 1
+
+
+def test_a_full_outbox_evicts_the_oldest_and_every_eviction_is_counted_and_reported_once_connected(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given a PLC with a persistent session, then the broker down, and an outbox bounded to 10 messages
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    broker.stop()
+    config = mqtt_config(
+        tmp_path,
+        images,
+        broker.port,
+        source={"loop": True, "max_frames": 30},
+        outbox={"path": str(tmp_path / "outbox.sqlite"), "synchronous": "normal", "max_messages": 10},
+    )
+
+    # when 30 results (and a few events) are made during the outage
+    agent = run_agent(config)
+    agent.wait()
+    service = agent.services[0]
+    stats = service.outbox.stats()
+    # then the outbox kept its bound, and counted what it evicted
+    assert stats["depth"] <= 11  # 10, plus at most one eviction report that may go beyond (see Outbox.put)
+    evicted = stats["evicted"]
+    assert evicted >= 20
+
+    # when the broker comes back
+    broker.start()
+    expected = jsonl_ids(tmp_path / "results.jsonl")
+    assert len(expected) == 30
+
+    # then the evictions are reported as events whose counts add up to every eviction, exactly
+    def reported() -> int:
+        return sum(e["data"]["count"] for e in line.json_on("event") if e["kind"] == "outbox_evicted")
+
+    line.wait_for(lambda: reported() == service.outbox.stats()["evicted"], "every eviction reported", timeout=90)
+    assert service.outbox.stats()["evicted"] == evicted  # nothing more was evicted once connected
+    last_report = [e for e in line.json_on("event") if e["kind"] == "outbox_evicted"][-1]
+    assert last_report["data"]["total"] == evicted
+    # and the results that arrive are the newest, in order: the oldest were evicted, none in between
+    line.wait_for(lambda: service.outbox.depth() == 0, "the backlog to drain")
+    received = line.result_ids()
+    assert 0 < len(received) <= 10
+    assert received == expected[-len(received) :]
+    assert service.metrics().outbox.evicted == evicted
