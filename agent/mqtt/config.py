@@ -107,6 +107,22 @@ class PartsConfig(StrictConfig):
     )
 
 
+_SPB_ID = r"^[^#+/\x00]+$"
+
+
+class SparkplugConfig(StrictConfig):
+    """Sparkplug B (spBv1.0) for an Ignition-style SCADA: the agent is an edge node, the station its device."""
+
+    enabled: bool = Field(default=False, description="Publish the station in the Sparkplug B namespace too.")
+    group_id: str = Field(default="lineside", min_length=1, max_length=64, pattern=_SPB_ID, description="Group id.")
+    edge_node_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=_SPB_ID, description="Edge node id. Default: the station."
+    )
+    device_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=_SPB_ID, description="Device id. Default: the station."
+    )
+
+
 class MqttConfig(StrictConfig):
     """MQTT to the line's PLC/SCADA: results, status, events, metrics, commands."""
 
@@ -136,6 +152,9 @@ class MqttConfig(StrictConfig):
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Accepted commands.")
     parts: PartsConfig | None = Field(
         default=None, description="Part-level verdicts on the `part` topic; None = no `part` messages."
+    )
+    sparkplug: SparkplugConfig = Field(
+        default_factory=SparkplugConfig, description="Sparkplug B: a second connection whose will is NDEATH."
     )
     state_dir: Path = Field(
         default=Path("/var/lib/lineside/state"),

@@ -48,6 +48,7 @@ from lineside.agent.results import INJECTED_SOURCE, Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 
 if TYPE_CHECKING:
+    from lineside.agent.mqtt.sparkplug import SparkplugNode
     from lineside.agent.runtime import Agent
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,18 @@ class MqttService:
         self._unsubscribe = agent.events.subscribe(self._on_event)
         self._finished = False
         self.commands_handled: dict[str, int] = {"ok": 0, "refused": 0}
+        self._command_lock = threading.Lock()
+        self.sparkplug: SparkplugNode | None = None
+        if config.sparkplug.enabled:
+            from lineside.agent.mqtt.sparkplug import SparkplugNode  # protobuf: only when asked for
+
+            self.sparkplug = SparkplugNode(
+                config,
+                self.station,
+                password=password,
+                run_command=self.run_command,
+                snapshot=self._spb_snapshot,
+            )
 
     @classmethod
     def from_agent(cls, agent: Agent) -> MqttService | None:
@@ -136,6 +149,8 @@ class MqttService:
         self._stop = stop
         self._restore_thresholds()
         self.link.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         for name, target in (
             ("commands", self._command_loop),
             ("metrics", self._metrics_loop),
@@ -166,6 +181,8 @@ class MqttService:
             if self.link.connected.is_set() and self.config.drain_timeout_s > 0:
                 self.link.drain(self.config.drain_timeout_s)
             self.link.close(self._status_payload("stopped"))
+            if self.sparkplug is not None:
+                self.sparkplug.close()
         finally:
             self.outbox.close()
 
@@ -182,6 +199,15 @@ class MqttService:
         if self.parts is not None:
             self._put_parts(self.parts.add(result))
         self.link.wake()
+        if self.sparkplug is not None:
+            try:
+                self.sparkplug.publish_result(result)
+            except Exception:  # live state only: the result is safe in the outbox
+                logger.exception("sparkplug: DDATA for %s failed", result.result_id)
+
+    def _spb_snapshot(self) -> dict[str, Any]:
+        status = self.agent.status()
+        return {"counters": status.counters, "paused": status.paused, "bundle_version": status.bundle_version}
 
     def _put_parts(self, parts: list[PartPayload]) -> None:
         for part in parts:
@@ -301,18 +327,25 @@ class MqttService:
     def handle_command(self, message: mqtt.MQTTMessage) -> CommandReply:
         """Validate and carry out one command, then reply; an invalid one changes nothing."""
         name = self._command_name(message)
-        request_id: str | None = None
-        try:
-            _model, data = self._validate(name, message.payload)
-            request_id = data.request_id
-            result = self._execute(name, data)
-            reply = CommandReply(command=name, ok=True, request_id=request_id, result=result)
-            self.commands_handled["ok"] += 1
-        except CommandRefused as err:
-            reply = CommandReply(command=name, ok=False, request_id=request_id, error=str(err))
-            self.commands_handled["refused"] += 1
-            logger.warning("mqtt: command %r refused: %s", name[:64], err)
+        reply = self.run_command(name, message.payload)
         self._reply(message, name, reply)
+        return reply
+
+    def run_command(self, name: str, payload: bytes) -> CommandReply:
+        """Validate and carry out one command (from `cmd/<name>` or a Sparkplug DCMD); never raises."""
+        request_id: str | None = None
+        # One command at a time, whichever connection it came on (set-thresholds reads, then writes).
+        with self._command_lock:
+            try:
+                _model, data = self._validate(name, payload)
+                request_id = data.request_id
+                result = self._execute(name, data)
+                reply = CommandReply(command=name, ok=True, request_id=request_id, result=result)
+                self.commands_handled["ok"] += 1
+            except CommandRefused as err:
+                reply = CommandReply(command=name, ok=False, request_id=request_id, error=str(err))
+                self.commands_handled["refused"] += 1
+                logger.warning("mqtt: command %r refused: %s", name[:64], err)
         return reply
 
     def _validate(self, name: str, payload: bytes) -> tuple[type, Any]:

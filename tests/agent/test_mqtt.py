@@ -1036,3 +1036,152 @@ def test_a_full_outbox_evicts_the_oldest_and_every_eviction_is_counted_and_repor
     assert 0 < len(received) <= 10
     assert received == expected[-len(received) :]
     assert service.metrics().outbox.evicted == evicted
+
+
+# -- Sparkplug B ---------------------------------------------------------------------------------------
+
+
+def sparkplug_decoder() -> Any:
+    """The Sparkplug B Payload message built by protobuf itself from sparkplug_b.proto's field numbers
+    (an independent decoder: it does not use the agent's encoder)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="spb_test.proto", package="org.eclipse.tahu.protobuf")
+    payload = file.message_type.add(name="Payload")
+    metric = payload.nested_type.add(name="Metric")
+    for name, number, ftype in [
+        ("name", 1, f.TYPE_STRING),
+        ("alias", 2, f.TYPE_UINT64),
+        ("timestamp", 3, f.TYPE_UINT64),
+        ("datatype", 4, f.TYPE_UINT32),
+        ("is_null", 7, f.TYPE_BOOL),
+        ("int_value", 10, f.TYPE_UINT32),
+        ("long_value", 11, f.TYPE_UINT64),
+        ("float_value", 12, f.TYPE_FLOAT),
+        ("double_value", 13, f.TYPE_DOUBLE),
+        ("boolean_value", 14, f.TYPE_BOOL),
+        ("string_value", 15, f.TYPE_STRING),
+    ]:
+        metric.field.add(name=name, number=number, type=ftype, label=f.LABEL_OPTIONAL)
+    payload.field.add(name="timestamp", number=1, type=f.TYPE_UINT64, label=f.LABEL_OPTIONAL)
+    payload.field.add(
+        name="metrics",
+        number=2,
+        type=f.TYPE_MESSAGE,
+        label=f.LABEL_REPEATED,
+        type_name=".org.eclipse.tahu.protobuf.Payload.Metric",
+    )
+    payload.field.add(name="seq", number=3, type=f.TYPE_UINT64, label=f.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("org.eclipse.tahu.protobuf.Payload"))
+
+
+def spb_metrics(decoder: Any, raw: bytes) -> tuple[Any, dict[str, tuple[int, Any]]]:
+    """(the decoded payload, metric name -> (datatype, value))."""
+    message = decoder.FromString(raw)
+    out: dict[str, tuple[int, Any]] = {}
+    for m in message.metrics:
+        value: Any
+        if m.is_null:
+            value = None
+        elif m.datatype in (1, 2, 3, 5, 6, 7):
+            value = m.int_value
+        elif m.datatype in (4, 8, 13):
+            value = m.long_value
+        elif m.datatype == 10:
+            value = m.double_value
+        elif m.datatype == 11:
+            value = m.boolean_value
+        else:
+            value = m.string_value
+        out[m.name] = (m.datatype, value)
+    return message, out
+
+
+def test_sparkplug_b_births_data_commands_rebirth_and_ndeath_decoded_by_an_independent_decoder(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_agent: Callable
+) -> None:
+    # given an agent with Sparkplug B on (group plant-1, edge node line-3, device = the station cell-07)
+    broker = mosquitto()
+    host = plc(broker.port, "spBv1.0/plant-1", client_id="scada")
+    decoder = sparkplug_decoder()
+    agent = run_agent(
+        mqtt_config(
+            tmp_path,
+            images,
+            broker.port,
+            source={"loop": True, "rate_hz": 10},
+            sparkplug={"enabled": True, "group_id": "plant-1", "edge_node_id": "line-3"},
+        )
+    )
+
+    # then the SCADA sees NBIRTH (bdSeq, Node Control/Rebirth) and DBIRTH with typed metrics
+    host.wait_for(lambda: host.on("NBIRTH/line-3") and host.on("DBIRTH/line-3/cell-07"), "NBIRTH and DBIRTH")
+    nbirth, node = spb_metrics(decoder, host.on("NBIRTH/line-3")[0])
+    assert nbirth.seq == 0 and node["Node Control/Rebirth"] == (11, False)
+    bd_seq = node["bdSeq"][1]
+    assert node["bdSeq"][0] == 4  # Int64
+    dbirth, device = spb_metrics(decoder, host.on("DBIRTH/line-3/cell-07")[0])
+    assert dbirth.seq == 1
+    types = {name: dtype for name, (dtype, _) in device.items()}
+    assert types["Inspection/Verdict"] == 12 and types["Inspection/Score"] == 10  # String, Double
+    assert types["Inspection/Box Count"] == 3 and types["Inspection/Part ID"] == 12  # Int32, String
+    assert types["Counters/Results Out"] == 4 and types["Counters/Defects"] == 4  # Int64
+
+    # and DDATA per result: verdict, score, box count, counters, seq going on from DBIRTH
+    host.wait_for(lambda: len(host.on("DDATA/line-3/cell-07")) >= 3, "3 DDATA")
+    ddata = [spb_metrics(decoder, raw) for raw in host.on("DDATA/line-3/cell-07")[:3]]
+    assert [d[0].seq for d in ddata] == [2, 3, 4]
+    first = ddata[0][1]
+    assert first["Inspection/Verdict"][1] in ("good", "defective")
+    assert 0.0 <= first["Inspection/Score"][1] <= 1.0 and first["Inspection/Box Count"][1] >= 0
+    results_out = [d[1]["Counters/Results Out"][1] for d in ddata]
+    assert results_out == sorted(results_out) and results_out[2] > results_out[0]
+
+    # when the SCADA sends DCMD Command/pause (Boolean true) and an invalid Command/trigger
+    from lineside.agent.mqtt import spb_proto
+
+    def dcmd(name: str, dtype: spb_proto.DataType, value: Any) -> None:
+        payload = spb_proto.Payload(timestamp=1, seq=0, metrics=(spb_proto.Metric(name, dtype, value),))
+        host.client.publish("spBv1.0/plant-1/DCMD/line-3/cell-07", spb_proto.encode(payload), qos=1)
+
+    def last_replies() -> list[dict[str, Any]]:
+        found = []
+        for raw in host.on("DDATA/line-3/cell-07"):
+            value = spb_metrics(decoder, raw)[1].get("Command/Last Reply")
+            if value is not None:
+                found.append(json.loads(value[1]))
+        return found
+
+    dcmd("Command/pause", spb_proto.DataType.BOOLEAN, True)
+    host.wait_for(lambda: len(last_replies()) >= 1, "the reply to DCMD pause")
+    # then the same command ran, with the same reply as on cmd/pause
+    assert last_replies()[0]["command"] == "pause" and last_replies()[0]["ok"] is True
+    assert agent.status().paused
+    dcmd("Command/trigger", spb_proto.DataType.STRING, '{"part_id": "bad id!"}')
+    host.wait_for(lambda: len(last_replies()) >= 2, "the reply to DCMD trigger")
+    assert last_replies()[1]["ok"] is False and "part_id" in last_replies()[1]["error"]
+    assert agent.pipeline.pending_tag() is None
+
+    # when the SCADA asks for a rebirth, then NBIRTH and DBIRTH come again with the same bdSeq
+    rebirth = spb_proto.Payload(
+        timestamp=1, seq=0, metrics=(spb_proto.Metric("Node Control/Rebirth", spb_proto.DataType.BOOLEAN, True),)
+    )
+    host.client.publish("spBv1.0/plant-1/NCMD/line-3", spb_proto.encode(rebirth), qos=1)
+    host.wait_for(lambda: len(host.on("NBIRTH/line-3")) >= 2, "the second NBIRTH")
+    assert spb_metrics(decoder, host.on("NBIRTH/line-3")[1])[1]["bdSeq"][1] == bd_seq
+    host.wait_for(lambda: len(host.on("DBIRTH/line-3/cell-07")) >= 2, "the second DBIRTH")
+
+    # and the will registered for this connection is NDEATH with the same bdSeq
+    node_client = agent.services[0].sparkplug.client
+    assert node_client._will_topic.decode() == "spBv1.0/plant-1/NDEATH/line-3"
+    assert spb_metrics(decoder, node_client._will_payload)[1]["bdSeq"][1] == bd_seq
+
+    # when the agent stops cleanly, then NDEATH carries the bdSeq of the NBIRTH
+    agent.stop()
+    host.wait_for(lambda: host.on("NDEATH/line-3"), "NDEATH")
+    ndeath, death = spb_metrics(decoder, host.on("NDEATH/line-3")[0])
+    assert death["bdSeq"] == (4, bd_seq)
+    assert not ndeath.HasField("seq")
