@@ -197,7 +197,11 @@ class MqttService:
             key=result.result_id,
         )
         if self.parts is not None:
-            self._put_parts(self.parts.add(result))
+            try:
+                self._put_parts(self.parts.add(result))
+            except Exception:
+                # The result itself is committed: its frame must not be failed for the part message.
+                logger.exception("mqtt: the part message of %s could not be stored", result.part_id)
         self.link.wake()
         if self.sparkplug is not None:
             try:

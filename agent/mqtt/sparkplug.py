@@ -18,6 +18,7 @@ Sparkplug B protobuf; pysparkplug needs paho-mqtt < 2).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -283,11 +284,20 @@ class SparkplugNode:
                 name = metric.name or ""
                 if not name.startswith("Command/") or name == LAST_REPLY:
                     continue
-                payload = metric.value if isinstance(metric.value, str) else "{}" if metric.value is True else None
-                if payload is None:
-                    self._commands.put_nowait((name[len("Command/") :], b"\x00invalid"))
+                command = name[len("Command/") :]
+                if isinstance(metric.value, str):
+                    self._commands.put_nowait((command, metric.value.encode("utf-8")))
+                elif metric.value is True:
+                    self._commands.put_nowait((command, b"{}"))
                 else:
-                    self._commands.put_nowait((name[len("Command/") :], payload.encode("utf-8")))
+                    # Refused here, as the MQTT form would refuse a payload of the wrong type; nothing runs.
+                    reply = {
+                        "command": command[:64],
+                        "ok": False,
+                        "error": f"{name[:80]}: expected a String (the JSON payload) or Boolean true, "
+                        f"got {metric.datatype.name} {metric.value!r}"[:300],
+                    }
+                    self._ddata({LAST_REPLY: json.dumps(reply)})
         except queue.Full:
             logger.warning("sparkplug: too many commands waiting; one dropped")
         except Exception as err:  # a payload that is not Sparkplug: logged, never fatal

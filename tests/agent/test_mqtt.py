@@ -1164,6 +1164,14 @@ def test_sparkplug_b_births_data_commands_rebirth_and_ndeath_decoded_by_an_indep
     host.wait_for(lambda: len(last_replies()) >= 2, "the reply to DCMD trigger")
     assert last_replies()[1]["ok"] is False and "part_id" in last_replies()[1]["error"]
     assert agent.pipeline.pending_tag() is None
+    # and a command metric of the wrong type, or a payload that is not Sparkplug, is refused, changing nothing
+    dcmd("Command/resume", spb_proto.DataType.INT32, 5)
+    host.wait_for(lambda: len(last_replies()) >= 3, "the reply to a wrong-typed DCMD")
+    assert last_replies()[2]["ok"] is False and "expected a String" in last_replies()[2]["error"]
+    host.client.publish("spBv1.0/plant-1/DCMD/line-3/cell-07", b"\xff\xff\xff", qos=1)
+    host.wait_for(lambda: len(last_replies()) >= 4, "the reply to an undecodable DCMD")
+    assert last_replies()[3]["ok"] is False and "undecodable" in last_replies()[3]["error"]
+    assert agent.status().paused
 
     # when the SCADA asks for a rebirth, then NBIRTH and DBIRTH come again with the same bdSeq
     rebirth = spb_proto.Payload(
