@@ -17,7 +17,9 @@ stage talks to the next through a queue only, so a stage could move to a process
 - Errors, drops and sink failures are published to the event hub when one is given.
 - `pause()` / `resume()`: while paused, capture holds the frame it has (block policy: a hot folder's file
   waits, nothing is dropped) or drops it counted as `paused` (drop_oldest: a live camera). `tag_next(part,
-  view)` sets the part id and view of the next captured frame (the PLC's trigger input).
+  view)` sets the part id and view of the next captured frame (the PLC's trigger input). `inject(frame)`
+  queues a frame that does not come from the source (a file the PLC names: inspect it now); it is
+  inspected and dispatched like any other, paused or not, but never acknowledged to the source.
 - One stop Event; every wait has a timeout. `stop()` joins capture, inference, dispatch in that order
   (reverse of start), releases frames still queued, then closes the source and the sinks.
 """
@@ -40,7 +42,7 @@ from lineside.agent.config import QueueConfig
 from lineside.agent.events import EventHub
 from lineside.agent.inference.types import Prediction
 from lineside.agent.plugins import QueuePolicy
-from lineside.agent.results import Frame, FrameError, InspectionResult, ResultBox, ResultError
+from lineside.agent.results import INJECTED_SOURCE, Frame, FrameError, InspectionResult, ResultBox, ResultError
 from lineside.agent.sinks.base import Sink
 from lineside.agent.sources.base import FrameSource
 
@@ -333,6 +335,18 @@ class Pipeline:
         with self._lock:
             self._next_tag = (part_id, view)
 
+    def inject(self, frame: Frame, timeout: float = 2.0) -> None:
+        """Queue `frame` (source `INJECTED_SOURCE`) for inspection now; RuntimeError when it cannot be."""
+        if frame.source != INJECTED_SOURCE:
+            raise ValueError(f"injected frames have source {INJECTED_SOURCE!r}, not {frame.source!r}")
+        if self.stop_event.is_set() or self._inference_done.is_set() or not self._thread_alive("lineside-inference"):
+            raise RuntimeError("the pipeline is not inspecting frames")
+        try:
+            self._frames.put((frame, time.monotonic()), timeout=timeout)
+        except queue.Full:
+            raise RuntimeError(f"the frame queue stayed full for {timeout:g} s; try again") from None
+        self._bump("frames_in")
+
     def pending_tag(self) -> tuple[str, int | None] | None:
         with self._lock:
             return self._next_tag
@@ -534,6 +548,8 @@ class Pipeline:
         if not durable_ok:
             self._release(frame, "sink_failed")
             return
+        if frame.source == INJECTED_SOURCE:
+            return  # not the source's frame: nothing to acknowledge
         ok = result.error is None
         reason = None if result.error is None else FrameError(result.error.code, result.error.message)
         try:
@@ -566,6 +582,8 @@ class Pipeline:
             self._publish(
                 "frame_dropped", f"frame {frame.frame_id} dropped ({reason})", reason=reason, frame_id=frame.frame_id
             )
+        if frame.source == INJECTED_SOURCE:
+            return
         try:
             self.source.release(frame)
         except Exception:

@@ -15,6 +15,8 @@ RESULT_SCHEMA_VERSION: Literal[1] = 1
 # id, so sinks and downstream systems can de-duplicate; two stations never share one.
 _RESULT_NAMESPACE = uuid.UUID("6f1f4a52-4c1e-4d55-9a38-0c7d9d6a2f10")
 
+INJECTED_SOURCE = "trigger"  # Frame.source of a file the PLC asked to inspect now (not the source's frame)
+
 
 def result_id_for(station: str, source: str, frame_key: str) -> str:
     """Stable result id of a frame, derived from its station, source and identity key."""

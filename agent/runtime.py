@@ -36,6 +36,7 @@ from lineside.agent.errors import (
 )
 from lineside.agent.events import EventHub
 from lineside.agent.pipeline import Inspector, Pipeline
+from lineside.agent.results import Frame
 from lineside.agent.services import PLUGINS as SERVICE_PLUGINS
 from lineside.agent.services import Service
 from lineside.agent.sinks import Sink, create_sink
@@ -332,6 +333,20 @@ class Agent:
             raise RuntimeError("the pipeline is not running")
         self.pipeline.tag_next(part_id, view)
         self.events.publish("triggered", f"next frame: part {part_id} view {view}", part_id=part_id, view=view)
+
+    def inspect_now(self, frame: Frame) -> None:
+        """Inspect `frame` (a file the PLC names) now, besides the source's frames; RuntimeError if not running."""
+        if self.pipeline is None:
+            raise RuntimeError("the pipeline is not running")
+        self.pipeline.inject(frame)
+        self.events.publish(
+            "inspect_requested",
+            f"inspect {frame.meta.get('file', frame.frame_id)} now",
+            file=frame.meta.get("file"),
+            result_id=frame.result_id,
+            part_id=frame.part_id,
+            view=frame.view,
+        )
 
     def status(self) -> AgentStatus:
         """One consistent snapshot of state, bundle, providers, counters and progress."""

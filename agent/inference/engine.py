@@ -7,6 +7,7 @@ evaluation figures describe exactly what the device does.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,9 @@ class InferenceEngine:
         self._kinds: dict[str, ModelKind] = {
             kind: MODEL_KINDS[kind](spec, bundle) for kind, spec in self.manifest.models.items()
         }
+        # Operator overrides (set-thresholds): replaced as a whole under the lock, read once per frame.
+        self._overrides: dict[str, KindThresholds] = {}
+        self._overrides_lock = threading.Lock()
         self.warm_up()
 
     @classmethod
@@ -229,6 +233,37 @@ class InferenceEngine:
         """The bundle's calibrated thresholds, per model kind."""
         return {kind: spec.thresholds for kind, spec in self.manifest.models.items()}
 
+    def threshold_overrides(self) -> dict[str, KindThresholds]:
+        """The operator's overrides in force (kind -> full thresholds), applied by `predict`."""
+        with self._overrides_lock:
+            return dict(self._overrides)
+
+    def effective_thresholds(self) -> dict[str, KindThresholds]:
+        """What `predict` decides with: the bundle's thresholds with the overrides on top."""
+        return {**self.thresholds(), **self.threshold_overrides()}
+
+    def set_threshold_overrides(self, overrides: dict[str, KindThresholds]) -> None:
+        """Replace the overrides (from the next frame on); {} = the bundle's thresholds again.
+
+        Each must be the kind's own thresholds class and within its bounds (the caller validates with
+        `KindThresholds.bounds()`; checked again here so no path skips it). Thread-safe.
+        """
+        bundle = self.thresholds()
+        for kind, value in overrides.items():
+            if kind not in bundle:
+                raise ValueError(f"the bundle has no {kind!r} model; it has {sorted(bundle)}")
+            if type(value) is not type(bundle[kind]):
+                raise ValueError(f"{kind}: expected {type(bundle[kind]).__name__}, got {type(value).__name__}")
+            for field, (low, high) in bundle[kind].bounds().items():
+                if not low <= getattr(value, field) <= high:
+                    raise ValueError(f"{kind}.{field} = {getattr(value, field)} is outside [{low:g}, {high:g}]")
+            fixed = set(type(value).model_fields) - set(bundle[kind].bounds()) - {"kind"}
+            changed = [f for f in fixed if getattr(value, f) != getattr(bundle[kind], f)]
+            if changed:
+                raise ValueError(f"{kind}: {sorted(changed)} cannot be changed at run time")
+        with self._overrides_lock:
+            self._overrides = dict(overrides)
+
     def decide(self, out: ModelOutputs, thresholds: dict[str, KindThresholds] | None = None) -> Prediction:
         """Apply thresholds (default: the bundle's) and the decision rule to raw outputs."""
         t0 = time.perf_counter()
@@ -260,8 +295,8 @@ class InferenceEngine:
         )
 
     def predict(self, image: np.ndarray, bits_stored: int | None = None) -> Prediction:
-        """Inspect one 2-D uint8/uint16 image."""
-        return self.decide(self.analyze(image, bits_stored))
+        """Inspect one 2-D uint8/uint16 image (with the operator's threshold overrides, if any)."""
+        return self.decide(self.analyze(image, bits_stored), self.threshold_overrides())
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -278,7 +313,7 @@ class InferenceEngine:
         problems: list[str] = []
         for golden in self.manifest.golden:
             image = read_image(self.bundle.path(golden.file))
-            prediction = self.predict(image)
+            prediction = self.decide(self.analyze(image))  # the bundle's own thresholds, never overrides
             for kind, expected in golden.expected_scores.items():
                 actual = prediction.model_scores.get(kind)
                 tol = golden.score_tolerance * tolerance_scale * max(1.0, abs(expected))

@@ -35,6 +35,14 @@ class KindThresholds(Strict):
 
     image: float = Field(description="Raw image score at or above which this model fires for the image.")
 
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """Fields an operator may change at run time (`set-thresholds`), with their closed bounds.
+
+        Derived from these (the bundle's calibrated) values where the score has no natural range, so the
+        bundle decides how far a station may move away from its calibration. Nothing by default.
+        """
+        return {}
+
 
 @dataclass(frozen=True)
 class KindOutput:

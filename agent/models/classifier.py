@@ -21,6 +21,9 @@ class ClassifierThresholds(KindThresholds):
     kind: Literal["classifier"] = "classifier"
     image: float = Field(default=0.5, description="Max tile probability at or above which the classifier fires.")
 
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return {"image": (0.0, 1.0)}  # a probability
+
 
 class Classifier(ModelKind):
     name = "classifier"

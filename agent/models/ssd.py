@@ -39,6 +39,9 @@ class SSDThresholds(KindThresholds):
     image: float = Field(default=0.5, description="Best box score at or above which the SSD fires for the image.")
     box: float = Field(default=0.5, description="Detection score at or above which a box is reported.")
 
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        return {"image": (0.0, 1.0), "box": (0.0, 1.0)}  # detection scores are probabilities
+
 
 @dataclass(frozen=True)
 class SSDOutput(KindOutput):

@@ -29,11 +29,27 @@ class VAEPost(KindPost):
     )
 
 
+VAE_RANGE = 4.0  # how far (a factor) set-thresholds may move the VAE's calibrated thresholds
+
+
 class VAEThresholds(KindThresholds):
     kind: Literal["vae"] = "vae"
     image: float = Field(default=1.0, description="Image anomaly score at or above which the VAE fires.")
     pixel: float = Field(default=1.0, description="Anomaly-map value marking a pixel anomalous.")
     min_area: int = Field(default=16, ge=1, description="Smallest connected component kept as a box, px.")
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        # Anomaly scores have no natural range: a station may move at most 4x either way from calibration.
+        return {
+            "image": _around(self.image),
+            "pixel": _around(self.pixel),
+            "min_area": (1, max(1, self.min_area) * VAE_RANGE * VAE_RANGE),
+        }
+
+
+def _around(value: float) -> tuple[float, float]:
+    low, high = value / VAE_RANGE, value * VAE_RANGE
+    return (min(low, high), max(low, high))  # a negative calibration keeps low <= high
 
 
 @dataclass(frozen=True)

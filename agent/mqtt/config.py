@@ -14,7 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from lineside.agent.plugins import StrictConfig, path_problems
 
 PASSWORD_CREDENTIAL = "mqtt_password"
-COMMAND_NAMES = ("pause", "resume", "status", "trigger")
+COMMAND_NAMES = ("pause", "resume", "status", "trigger", "set-thresholds")
+CommandName = Literal["pause", "resume", "status", "trigger", "set-thresholds"]
 
 
 class TlsConfig(StrictConfig):
@@ -67,11 +68,59 @@ class OutboxConfig(StrictConfig):
 class CommandsConfig(StrictConfig):
     """Commands the PLC/SCADA may send on `<topic_prefix>/cmd/<name>`."""
 
-    enabled: list[Literal["pause", "resume", "status", "trigger"]] = Field(
+    enabled: list[CommandName] = Field(
         default_factory=lambda: list(COMMAND_NAMES),
         description="Commands accepted; any other gets an error reply and changes nothing. [] = none.",
     )
     max_payload_bytes: int = Field(default=4096, ge=2, le=1_000_000, description="Larger command payloads are refused.")
+    trigger_folders: list[Path] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Folders `trigger` may name a file in to inspect now (symbolic links resolved first); "
+        "[] = the file form of `trigger` is refused.",
+    )
+
+    def problems(self, key: str) -> list[str]:
+        found: list[str] = []
+        for i, folder in enumerate(self.trigger_folders):
+            if not folder.is_absolute():
+                found.append(f"{key}.trigger_folders[{i}]: {folder} must be an absolute path")
+            else:
+                found += path_problems(folder, f"{key}.trigger_folders[{i}]", kind="dir")
+        return found
+
+
+class PartsConfig(StrictConfig):
+    """Part-level verdicts on `<prefix>/part`: all views of a part id gathered into one message."""
+
+    views: int = Field(ge=1, le=1000, description="Views per part; a part is complete when all are in.")
+    first_view: int = Field(default=1, ge=0, le=1000, description="Number of the first view (views are consecutive).")
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="A part whose next view has not arrived this long after the last is closed as incomplete, "
+        "naming the views it lacks.",
+    )
+    max_open: int = Field(
+        default=1000, ge=1, le=100_000, description="Parts open at once at most; beyond it the oldest is closed."
+    )
+
+
+_SPB_ID = r"^[^#+/\x00]+$"
+
+
+class SparkplugConfig(StrictConfig):
+    """Sparkplug B (spBv1.0) for an Ignition-style SCADA: the agent is an edge node, the station its device."""
+
+    enabled: bool = Field(default=False, description="Publish the station in the Sparkplug B namespace too.")
+    group_id: str = Field(default="lineside", min_length=1, max_length=64, pattern=_SPB_ID, description="Group id.")
+    edge_node_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=_SPB_ID, description="Edge node id. Default: the station."
+    )
+    device_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=_SPB_ID, description="Device id. Default: the station."
+    )
 
 
 class MqttConfig(StrictConfig):
@@ -101,6 +150,17 @@ class MqttConfig(StrictConfig):
     tls: TlsConfig | None = Field(default=None, description="TLS settings; None = plain TCP.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="The durable outbox.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Accepted commands.")
+    parts: PartsConfig | None = Field(
+        default=None, description="Part-level verdicts on the `part` topic; None = no `part` messages."
+    )
+    sparkplug: SparkplugConfig = Field(
+        default_factory=SparkplugConfig, description="Sparkplug B: a second connection whose will is NDEATH."
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/lineside/state"),
+        description="Folder of state that must survive a restart: thresholds.json (set-thresholds overrides, "
+        "written atomically).",
+    )
     metrics_interval_s: float = Field(
         default=60.0, ge=0, description="Seconds between two `metrics` messages; 0 turns them off."
     )
@@ -128,6 +188,8 @@ class MqttConfig(StrictConfig):
 
     def problems(self, key: str) -> list[str]:
         found = self.outbox.problems(f"{key}.outbox")
+        found += path_problems(self.state_dir, f"{key}.state_dir", kind="dir", write=True, create=True)
+        found += self.commands.problems(f"{key}.commands")
         if self.tls is not None:
             found += self.tls.problems(f"{key}.tls")
         return found

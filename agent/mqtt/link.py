@@ -206,10 +206,45 @@ class MqttLink:
         self._wake.set()
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self.last_error = f"cannot reach broker {self.config.host}:{self.config.port}"
+        if self.last_error is None or not self.last_error.startswith("TLS"):
+            self.last_error = f"cannot reach broker {self.config.host}:{self.config.port}"
         if not self._unreachable_logged:
             self._unreachable_logged = True
             logger.warning("mqtt: %s; results wait in the outbox, retrying with backoff", self.last_error)
+            if self.config.tls is not None:
+                # paho says only that the connection failed; find out whether TLS is why, off its thread.
+                threading.Thread(target=self._diagnose_tls, name="lineside-mqtt-tls-check", daemon=True).start()
+
+    def _diagnose_tls(self) -> None:
+        """One TLS handshake with the broker, as paho makes it; a failure is logged and reported as an event."""
+        import socket
+
+        tls = self.config.tls
+        assert tls is not None
+        try:
+            context = ssl.create_default_context(cafile=str(tls.ca_file))
+            context.check_hostname = tls.check_hostname
+            if tls.cert_file is not None and tls.key_file is not None:
+                context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+            with (
+                socket.create_connection((self.config.host, self.config.port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname=self.config.host),
+            ):
+                return  # the handshake works: the failure was elsewhere (already logged)
+        except ssl.SSLError as err:
+            if isinstance(err, ssl.SSLCertVerificationError):
+                reason = f"certificate verify failed: {err.verify_message}"  # e.g. signed by another CA
+            else:
+                reason = str(err.reason or err)
+            self.last_error = f"TLS handshake with {self.config.host}:{self.config.port} failed: {reason}"
+            logger.error(
+                "mqtt: %s (check mqtt.tls.ca_file %s against the broker's certificate); retrying with backoff",
+                self.last_error,
+                tls.ca_file,
+            )
+            self._on_problem("mqtt_tls_failed", self.last_error, {"reason": str(reason), "ca_file": str(tls.ca_file)})
+        except OSError:
+            return  # not reachable at all: already logged as such
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
@@ -282,7 +317,8 @@ class MqttLink:
                 f"the broker refused {len(rejected)} message(s): {rejected[0][1]}",
                 {"count": len(rejected), "reason": rejected[0][1]},
             )
-        evicted = self.outbox.take_unreported_evictions()
+        # Reported once connected: a report made during an outage would only wait in the full outbox.
+        evicted = self.outbox.take_unreported_evictions() if self.connected.is_set() else 0
         if evicted:
             self._on_problem(
                 "outbox_evicted",

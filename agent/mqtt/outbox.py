@@ -78,9 +78,14 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def put(self, topic: str, payload: bytes, *, qos: int, retain: bool = False, key: str | None = None) -> bool:
+    def put(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False, key: str | None = None, evict: bool = True
+    ) -> bool:
         """Commit one message (durably, before returning). False when a message with `key` is still waiting
-        (a result re-inspected after a crash: the stored one keeps its place in the order)."""
+        (a result re-inspected after a crash: the stored one keeps its place in the order).
+
+        `evict=False` (the report of an eviction) may go beyond the bounds rather than evict: a report
+        that evicted would itself need reporting, a loop that would fill the outbox with reports."""
         with self._lock:
             self._check_open()
             self._db.execute("BEGIN IMMEDIATE")
@@ -94,7 +99,8 @@ class Outbox:
                 if added:
                     self._count += 1
                     self._bytes += len(payload)
-                    self._evict()
+                    if evict:
+                        self._evict()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

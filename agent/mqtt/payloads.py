@@ -7,9 +7,9 @@ The `result` topic carries `InspectionResult` exactly as the JSON-lines sink wri
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lineside.agent.results import InspectionResult
 
@@ -42,6 +42,39 @@ class EventPayload(_Payload):
     at: datetime = Field(description="When the event happened (UTC).")
 
 
+class PartView(_Payload):
+    """One view of a part, as its result said."""
+
+    view: int = Field(description="View number.")
+    result_id: str = Field(description="The view's result id (on the `result` topic).")
+    is_defective: bool | None = Field(description="The view's verdict; None when it could not be inspected.")
+    score: float | None = Field(default=None, description="The view's score in [0, 1].")
+    error: str | None = Field(default=None, description="Error code when the view could not be inspected.")
+
+
+class PartPayload(_Payload):
+    """`<prefix>/part`: the part-level verdict once all views of a part id are in (or it timed out)."""
+
+    part_id: str = Field(description="Part serial.")
+    station: str = Field(description="Station name.")
+    verdict: Literal["good", "defective", "unknown"] = Field(
+        description="defective: at least one view is (complete or not); good: every expected view is in and "
+        "good; unknown: a view is missing or could not be inspected, and none is defective."
+    )
+    complete: bool = Field(description="True when every expected view is in.")
+    closed_by: Literal["all_views", "timeout", "overflow", "shutdown"] = Field(
+        description="Why the part was closed: all views in, views stopped arriving (timeout_s), too many open "
+        "parts (max_open), or the agent stopped."
+    )
+    score: float | None = Field(default=None, description="Highest view score.")
+    views_expected: list[int] = Field(description="The configured view numbers.")
+    views_seen: list[int] = Field(description="View numbers that arrived.")
+    views_missing: list[int] = Field(description="Expected views that did not arrive.")
+    views: list[PartView] = Field(description="Each view that arrived, by view number.")
+    opened_at: datetime = Field(description="When the first view arrived (UTC).")
+    closed_at: datetime = Field(description="When the part was closed (UTC).")
+
+
 class OutboxStats(_Payload):
     """The outbox as seen in `metrics`."""
 
@@ -64,6 +97,11 @@ class MetricsPayload(_Payload):
     )
     outbox: OutboxStats = Field(description="The durable outbox.")
     mqtt: dict[str, int] = Field(description="Connection counters: connects, disconnects, refused, published.")
+    parts: dict[str, int] = Field(
+        default_factory=dict,
+        description="With `parts` configured: parts closed by reason (all_views, timeout, overflow, shutdown), "
+        "results whose view is not a configured one (ignored), and parts open now (open).",
+    )
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -80,12 +118,63 @@ class EmptyCommand(_Command):
 
 
 class TriggerCommand(_Command):
-    """`cmd/trigger`: the part serial and view of the next frame (the PLC trigger input)."""
+    """`cmd/trigger`: the part serial and view of the next frame (the PLC trigger input), or a file to
+    inspect now (`file`, inside one of `mqtt.commands.trigger_folders`; tagged with part_id/view when given)."""
 
-    part_id: str = Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$", description="Part serial of the next frame."
+    part_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Part serial of the next frame (or of `file`).",
     )
-    view: int | None = Field(default=None, ge=0, le=1000, description="View number of the next frame.")
+    view: int | None = Field(default=None, ge=0, le=1000, description="View number of the next frame (or of `file`).")
+    file: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of an image to inspect now, inside an allowed folder; the reply carries its "
+        "result_id.",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> TriggerCommand:
+        if self.part_id is None and self.file is None:
+            raise ValueError("give part_id (tag the next frame) or file (inspect it now)")
+        if self.file is not None and "\x00" in self.file:
+            raise ValueError("file: contains a NUL character")
+        return self
+
+
+_Name = Annotated[str, Field(min_length=1, max_length=64)]
+_Value = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class SetThresholdsCommand(_Command):
+    """`cmd/set-thresholds`: change thresholds within the bounds the bundle allows, or go back to the bundle's.
+
+    `{"thresholds": {"classifier": {"image": 0.6}}}` changes the named fields (the others keep their value);
+    `{"reset": true}` drops every override. Persisted across restarts (for this bundle version), reported as
+    the event `thresholds_changed`.
+    """
+
+    thresholds: dict[_Name, dict[_Name, _Value]] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Model kind -> threshold field -> new value; the bounds of each field come from the bundle "
+        "(see docs/mqtt.md).",
+    )
+    reset: bool = Field(
+        default=False, strict=True, description="True: forget every override, use the bundle's thresholds."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SetThresholdsCommand:
+        if self.reset == bool(self.thresholds):
+            raise ValueError("give either thresholds (a non-empty object) or reset: true")
+        if any(not fields for fields in self.thresholds.values()):
+            raise ValueError("thresholds: every kind needs at least one field")
+        return self
 
 
 class CommandReply(_Payload):
@@ -103,6 +192,7 @@ COMMAND_MODELS: dict[str, type[_Command]] = {
     "resume": EmptyCommand,
     "status": EmptyCommand,
     "trigger": TriggerCommand,
+    "set-thresholds": SetThresholdsCommand,
 }
 
 
@@ -111,10 +201,12 @@ def schemas() -> dict[str, dict[str, Any]]:
     return {
         "status": StatusPayload.model_json_schema(),
         "result": InspectionResult.model_json_schema(),
+        "part": PartPayload.model_json_schema(),
         "event": EventPayload.model_json_schema(),
         "metrics": MetricsPayload.model_json_schema(),
         "cmd/pause, cmd/resume, cmd/status": EmptyCommand.model_json_schema(),
         "cmd/trigger": TriggerCommand.model_json_schema(),
+        "cmd/set-thresholds": SetThresholdsCommand.model_json_schema(),
         "cmd/<name>/reply": CommandReply.model_json_schema(),
     }
 

@@ -10,11 +10,13 @@ result) drains the outbox for up to `drain_timeout_s`, publishes `status` = stop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
 import threading
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import paho.mqtt.client as mqtt
@@ -24,23 +26,29 @@ from pydantic import ValidationError
 
 from lineside.agent.errors import ConfigError
 from lineside.agent.events import Event
+from lineside.agent.imaging import DEFAULT_MAX_PIXELS
+from lineside.agent.mqtt import thresholds
 from lineside.agent.mqtt.config import PASSWORD_CREDENTIAL, MqttConfig
 from lineside.agent.mqtt.link import MqttLink
 from lineside.agent.mqtt.outbox import Outbox
+from lineside.agent.mqtt.parts import PartTracker
 from lineside.agent.mqtt.payloads import (
     COMMAND_MODELS,
     CommandReply,
     EventPayload,
     MetricsPayload,
     OutboxStats,
+    PartPayload,
+    SetThresholdsCommand,
     StatusPayload,
     TriggerCommand,
 )
 from lineside.agent.plugins import StrictConfig
-from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.results import INJECTED_SOURCE, Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
 
 if TYPE_CHECKING:
+    from lineside.agent.mqtt.sparkplug import SparkplugNode
     from lineside.agent.runtime import Agent
 
 logger = logging.getLogger(__name__)
@@ -105,6 +113,7 @@ class MqttService:
             on_problem=lambda kind, message, data: agent.events.publish(kind, message, **data),
         )
         self.sink = MqttResultSink(self)
+        self.parts = None if config.parts is None else PartTracker(config.parts, self.station)
         self._stop = threading.Event()
         self._closing = threading.Event()
         self._commands: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=_COMMAND_QUEUE)
@@ -112,6 +121,18 @@ class MqttService:
         self._unsubscribe = agent.events.subscribe(self._on_event)
         self._finished = False
         self.commands_handled: dict[str, int] = {"ok": 0, "refused": 0}
+        self._command_lock = threading.Lock()
+        self.sparkplug: SparkplugNode | None = None
+        if config.sparkplug.enabled:
+            from lineside.agent.mqtt.sparkplug import SparkplugNode  # protobuf: only when asked for
+
+            self.sparkplug = SparkplugNode(
+                config,
+                self.station,
+                password=password,
+                run_command=self.run_command,
+                snapshot=self._spb_snapshot,
+            )
 
     @classmethod
     def from_agent(cls, agent: Agent) -> MqttService | None:
@@ -126,8 +147,15 @@ class MqttService:
 
     def start(self, stop: threading.Event) -> None:
         self._stop = stop
+        self._restore_thresholds()
         self.link.start()
-        for name, target in (("commands", self._command_loop), ("metrics", self._metrics_loop)):
+        if self.sparkplug is not None:
+            self.sparkplug.start()
+        for name, target in (
+            ("commands", self._command_loop),
+            ("metrics", self._metrics_loop),
+            ("parts", self._parts_loop),
+        ):
             thread = threading.Thread(target=target, name=f"lineside-mqtt-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -147,9 +175,14 @@ class MqttService:
         self._closing.set()
         self._unsubscribe()
         try:
+            if self.parts is not None:
+                # Open parts live in memory only: report them (incomplete) rather than forget them.
+                self._put_parts(self.parts.close_all())
             if self.link.connected.is_set() and self.config.drain_timeout_s > 0:
                 self.link.drain(self.config.drain_timeout_s)
             self.link.close(self._status_payload("stopped"))
+            if self.sparkplug is not None:
+                self.sparkplug.close()
         finally:
             self.outbox.close()
 
@@ -163,13 +196,49 @@ class MqttService:
             qos=self.config.qos,
             key=result.result_id,
         )
+        if self.parts is not None:
+            try:
+                self._put_parts(self.parts.add(result))
+            except Exception:
+                # The result itself is committed: its frame must not be failed for the part message.
+                logger.exception("mqtt: the part message of %s could not be stored", result.part_id)
         self.link.wake()
+        if self.sparkplug is not None:
+            try:
+                self.sparkplug.publish_result(result)
+            except Exception:  # live state only: the result is safe in the outbox
+                logger.exception("sparkplug: DDATA for %s failed", result.result_id)
+
+    def _spb_snapshot(self) -> dict[str, Any]:
+        status = self.agent.status()
+        return {"counters": status.counters, "paused": status.paused, "bundle_version": status.bundle_version}
+
+    def _put_parts(self, parts: list[PartPayload]) -> None:
+        for part in parts:
+            self.outbox.put(self.link.topic("part"), part.model_dump_json().encode(), qos=self.config.qos)
+        if parts:
+            self.link.wake()
+
+    def _parts_loop(self) -> None:
+        if self.parts is None:
+            return
+        tick = min(1.0, self.parts.config.timeout_s / 4)
+        while not self._closing.wait(tick):
+            try:
+                self._put_parts(self.parts.expire())
+            except Exception:
+                logger.exception("mqtt: closing timed-out parts failed; retrying")
 
     def _on_event(self, event: Event) -> None:
         # Synchronous on the publisher's thread: one SQLite commit, no network.
         data = json.loads(json.dumps(event.data, default=str))
         payload = EventPayload(kind=event.kind, message=event.message, station=self.station, data=data, at=event.at)
-        self.outbox.put(self.link.topic("event"), payload.model_dump_json().encode(), qos=self.config.qos)
+        self.outbox.put(
+            self.link.topic("event"),
+            payload.model_dump_json().encode(),
+            qos=self.config.qos,
+            evict=event.kind != "outbox_evicted",  # see Outbox.put
+        )
         self.link.wake()
 
     def _status_payload(self, state: Literal["online", "offline", "stopped"]) -> bytes:
@@ -213,6 +282,7 @@ class MqttService:
                 rejected=outbox.get("rejected", 0),
             ),
             mqtt=dict(self.link.counters),
+            parts={} if self.parts is None else {**self.parts.counters, "open": self.parts.open_parts()},
         )
 
     def _metrics_loop(self) -> None:
@@ -265,18 +335,25 @@ class MqttService:
     def handle_command(self, message: mqtt.MQTTMessage) -> CommandReply:
         """Validate and carry out one command, then reply; an invalid one changes nothing."""
         name = self._command_name(message)
-        request_id: str | None = None
-        try:
-            _model, data = self._validate(name, message.payload)
-            request_id = data.request_id
-            result = self._execute(name, data)
-            reply = CommandReply(command=name, ok=True, request_id=request_id, result=result)
-            self.commands_handled["ok"] += 1
-        except CommandRefused as err:
-            reply = CommandReply(command=name, ok=False, request_id=request_id, error=str(err))
-            self.commands_handled["refused"] += 1
-            logger.warning("mqtt: command %r refused: %s", name[:64], err)
+        reply = self.run_command(name, message.payload)
         self._reply(message, name, reply)
+        return reply
+
+    def run_command(self, name: str, payload: bytes) -> CommandReply:
+        """Validate and carry out one command (from `cmd/<name>` or a Sparkplug DCMD); never raises."""
+        request_id: str | None = None
+        # One command at a time, whichever connection it came on (set-thresholds reads, then writes).
+        with self._command_lock:
+            try:
+                _model, data = self._validate(name, payload)
+                request_id = data.request_id
+                result = self._execute(name, data)
+                reply = CommandReply(command=name, ok=True, request_id=request_id, result=result)
+                self.commands_handled["ok"] += 1
+            except CommandRefused as err:
+                reply = CommandReply(command=name, ok=False, request_id=request_id, error=str(err))
+                self.commands_handled["refused"] += 1
+                logger.warning("mqtt: command %r refused: %s", name[:64], err)
         return reply
 
     def _validate(self, name: str, payload: bytes) -> tuple[type, Any]:
@@ -319,9 +396,141 @@ class MqttService:
             return {"changed": agent.resume(), "paused": False}
         if name == "trigger":
             trigger: TriggerCommand = data
+            if trigger.file is not None:
+                return self._inspect_file(trigger)
+            assert trigger.part_id is not None  # the model requires part_id or file
             agent.tag_next(trigger.part_id, trigger.view)
             return {"part_id": trigger.part_id, "view": trigger.view}
+        if name == "set-thresholds":
+            return self._set_thresholds(data)
         raise CommandRefused(f"command {name!r} has no handler")  # a model without a handler: a bug
+
+    # -- trigger with a file -----------------------------------------------------------------------
+
+    def _allowed_file(self, name: str) -> Path:
+        """The real path of `name` when it is a regular file inside an allowed folder; CommandRefused otherwise."""
+        folders = self.config.commands.trigger_folders
+        if not folders:
+            raise CommandRefused("trigger with a file is switched off (mqtt.commands.trigger_folders is empty)")
+        raw = Path(name)
+        if not raw.is_absolute():
+            raise CommandRefused(f"file {name[:256]!r} must be an absolute path")
+        try:
+            # Resolve first: '..' and symbolic links must not lead out of an allowed folder.
+            real = raw.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CommandRefused(f"file {name[:256]!r} does not exist") from None
+        allowed = [Path(f).resolve() for f in folders]
+        if not any(real.is_relative_to(folder) for folder in allowed):
+            raise CommandRefused(f"file {name[:256]!r} is outside the allowed folders {[str(f) for f in allowed]}")
+        if not real.is_file():
+            raise CommandRefused(f"file {name[:256]!r} is not a regular file")
+        return real
+
+    def _inspect_file(self, trigger: TriggerCommand) -> dict[str, Any]:
+        assert trigger.file is not None
+        path = self._allowed_file(trigger.file)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise CommandRefused(f"file {str(path)[:256]!r} cannot be read: {err.strerror or err}") from err
+        from lineside.agent.sources.base import frame_from_bytes  # here: sources import the agent config
+
+        digest = hashlib.sha256(data).hexdigest()
+        frame = frame_from_bytes(
+            data,
+            name=path.name,
+            source=INJECTED_SOURCE,
+            # Same file, content and tag: same result id (a repeated request is de-duplicated downstream);
+            # the same file named for another part or view is another inspection.
+            key=f"{path}:{digest}:{trigger.part_id}:{trigger.view}",
+            max_pixels=DEFAULT_MAX_PIXELS,
+            part_id=trigger.part_id,
+            view=trigger.view,
+            meta={"file": str(path), "tagged_by": "trigger-file"},
+            station=self.station,
+        )
+        try:
+            self.agent.inspect_now(frame)
+        except RuntimeError as err:
+            raise CommandRefused(str(err)) from err
+        return {
+            "file": str(path),
+            "result_id": frame.result_id,
+            "part_id": trigger.part_id,
+            "view": trigger.view,
+            "decode_error": None if frame.error is None else frame.error.code,
+        }
+
+    # -- thresholds ------------------------------------------------------------------------------
+
+    def _restore_thresholds(self) -> None:
+        """Apply the overrides saved for this bundle version (a restart keeps them); report either way."""
+        engine = self.agent.engine
+        state = self.config.state_dir
+        if engine is None or not thresholds.supports_overrides(engine) or not (state / thresholds.STATE_FILE).exists():
+            return
+        manifest = engine.manifest
+        try:
+            overrides = thresholds.load(state, engine, manifest.bundle_id, manifest.version)  # type: ignore[arg-type]
+            engine.set_threshold_overrides(overrides)  # type: ignore[attr-defined]
+        except ValueError as err:  # ThresholdError included: the bundle's thresholds stay
+            logger.warning("mqtt: saved thresholds not applied: %s", err)
+            self.agent.events.publish(
+                "thresholds_not_restored", str(err), state_file=str(state / thresholds.STATE_FILE)
+            )
+            return
+        if overrides:
+            logger.info(
+                "mqtt: thresholds restored from %s: %s", state / thresholds.STATE_FILE, thresholds.dump(overrides)
+            )
+            self.agent.events.publish(
+                "thresholds_restored",
+                f"threshold overrides restored for bundle {manifest.version}",
+                overrides=thresholds.dump(overrides),
+            )
+
+    def _set_thresholds(self, command: SetThresholdsCommand) -> dict[str, Any]:
+        engine: Any = self.agent.engine
+        if engine is None or not thresholds.supports_overrides(engine):
+            raise CommandRefused("this engine has no adjustable thresholds")
+        before = engine.effective_thresholds() if hasattr(engine, "effective_thresholds") else engine.thresholds()
+        previous = engine.threshold_overrides()
+        try:
+            overrides = thresholds.merged_overrides(engine, command.thresholds, reset=command.reset)
+        except thresholds.ThresholdError as err:
+            raise CommandRefused(str(err)) from err
+        manifest = engine.manifest
+        # Persist first: a change the next start would forget is refused rather than half made.
+        try:
+            path = thresholds.save(self.config.state_dir, manifest.bundle_id, manifest.version, overrides)
+        except OSError as err:
+            raise CommandRefused(f"cannot save the thresholds in {self.config.state_dir}: {err}") from err
+        try:
+            engine.set_threshold_overrides(overrides)
+        except ValueError as err:  # refused by the engine: put the file back as it was
+            thresholds.save(self.config.state_dir, manifest.bundle_id, manifest.version, previous)
+            raise CommandRefused(str(err)) from err
+        after = {**engine.thresholds(), **overrides}
+        changed = {
+            kind: {"from": before[kind].model_dump(mode="json"), "to": value.model_dump(mode="json")}
+            for kind, value in after.items()
+            if before.get(kind) != value
+        }
+        self.agent.events.publish(
+            "thresholds_changed",
+            f"thresholds changed for {sorted(changed) or 'no model'} (bundle {manifest.version})",
+            changed=changed,
+            reset=command.reset,
+            request_id=command.request_id,
+            bundle_version=manifest.version,
+        )
+        logger.info("mqtt: thresholds changed: %s (saved in %s)", changed, path)
+        return {
+            "thresholds": thresholds.dump(after),
+            "overrides": thresholds.dump(overrides),
+            "changed": sorted(changed),
+        }
 
     def _reply(self, message: mqtt.MQTTMessage, name: str, reply: CommandReply) -> None:
         payload = reply.model_dump_json().encode()

@@ -288,3 +288,45 @@ def test_a_missing_anchors_file_is_refused_naming_it(test_bundle: Path, tmp_path
     # when / then
     with pytest.raises(BundleError, match=r"ssd_anchors\.npy: missing"):
         InferenceEngine.load(copy, providers=["cpu"])
+
+
+def test_threshold_overrides_apply_to_predict_until_cleared(engine: InferenceEngine, test_bundle: Path) -> None:
+    # given the golden image and its verdict with the bundle's thresholds
+    image = _golden_image(test_bundle)
+    bundle = engine.thresholds()
+    plain = engine.predict(image)
+    try:
+        # when the classifier's threshold is overridden to fire on anything, then to (almost) never fire
+        engine.set_threshold_overrides({"classifier": bundle["classifier"].model_copy(update={"image": 0.0})})
+        loud = engine.predict(image)
+        engine.set_threshold_overrides({"classifier": bundle["classifier"].model_copy(update={"image": 1.0})})
+        quiet = engine.predict(image)
+        # then the verdict follows the override, the raw scores do not move, and the bundle's values stay
+        assert loud.is_defective and "classifier" in loud.fired
+        assert "classifier" not in quiet.fired or plain.model_scores["classifier"] >= 1.0
+        assert loud.model_scores == pytest.approx(plain.model_scores)
+        assert quiet.model_scores == pytest.approx(plain.model_scores)
+        assert engine.thresholds() == bundle
+        assert engine.effective_thresholds()["classifier"].image == 1.0
+    finally:
+        engine.set_threshold_overrides({})
+    # and once cleared, the bundle's verdict is back
+    assert engine.predict(image).is_defective == plain.is_defective
+    assert engine.threshold_overrides() == {}
+
+
+def test_an_override_outside_the_bundle_bounds_or_for_an_unknown_kind_is_refused_and_changes_nothing(
+    engine: InferenceEngine,
+) -> None:
+    bundle = engine.thresholds()
+    vae_high = bundle["vae"].bounds()["image"][1]
+    bad = [
+        {"classifier": bundle["classifier"].model_copy(update={"image": 1.5})},
+        {"vae": bundle["vae"].model_copy(update={"image": vae_high * 2})},
+        {"nope": bundle["classifier"]},
+        {"ssd": bundle["classifier"]},
+    ]
+    for overrides in bad:
+        with pytest.raises(ValueError):
+            engine.set_threshold_overrides(overrides)
+        assert engine.threshold_overrides() == {}
