@@ -247,6 +247,7 @@ class Pipeline:
         self._sink_throttles = {sink.name: Throttle() for sink in self.sinks}
         self._predict_failures = Throttle()
         self._heartbeat = time.monotonic()
+        self._capture_beat = time.monotonic()
         self._stopped = False
         self._paused = threading.Event()
         self._next_tag: tuple[str, int | None] | None = None
@@ -359,6 +360,7 @@ class Pipeline:
             self._release(frame, "paused")
             return False
         while self._paused.is_set():
+            self._capture_beat = time.monotonic()
             if self.stop_event.wait(self.poll_s):
                 return True  # the caller's stop check releases it
         return True
@@ -372,8 +374,13 @@ class Pipeline:
         return replace(frame, part_id=part_id, view=view, meta={**frame.meta, "tagged_by": "trigger"})
 
     def last_progress(self) -> float:
-        """Monotonic time the inference loop last went round (idle waits count): for a watchdog."""
-        return self._heartbeat
+        """Monotonic time both ends last showed life, for a watchdog: the inference loop (it goes round while
+        idle too) and, while capture runs, the source's own loop or capture waiting on a full queue or a
+        pause. A frame stuck in the engine or a read stuck inside the source stops it; a quiet line does not.
+        """
+        if not self._thread_alive("lineside-capture"):
+            return self._heartbeat  # a finished source (end of a replay) is not a stuck one
+        return min(self._heartbeat, max(self.source.heartbeat, self._capture_beat))
 
     def swap_inspector(self, new: Inspector, timeout: float = 30.0) -> Inspector:
         """Make `new` inspect every later frame; returns the old inspector once no frame uses it any more.
@@ -442,6 +449,7 @@ class Pipeline:
             start = time.monotonic()
             try:
                 while not self.stop_event.is_set():
+                    self._capture_beat = time.monotonic()  # waiting on the pipeline is not a stuck source
                     try:
                         self._frames.put(item, timeout=self.poll_s)
                         return True

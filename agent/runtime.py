@@ -87,7 +87,7 @@ class AgentStatus:
     bundle_version: str | None
     providers: list[str]
     counters: dict[str, Any]
-    last_progress_age_s: float  # seconds since the inference loop last went round; idle waits count
+    last_progress_age_s: float  # seconds since inference and capture last showed life (Pipeline.last_progress)
     started_at: datetime | None
     services: list[str] = field(default_factory=list)
     failure: str | None = None

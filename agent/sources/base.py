@@ -61,6 +61,9 @@ class FrameSource(Plugin, ABC):
         self.counters: dict[str, int] = {}
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
+        # Monotonic time `frames()` last went round (waits included): a read stuck inside the source
+        # stops it, an idle line does not (the pipeline's watchdog reads it).
+        self.heartbeat = time.monotonic()
 
     @property
     def default_queue_policy(self) -> QueuePolicy:
@@ -73,7 +76,25 @@ class FrameSource(Plugin, ABC):
 
     @abstractmethod
     def frames(self) -> Iterator[Frame]:
-        """Yield frames until the stop event is set or the source is exhausted; every wait has a timeout."""
+        """Yield frames until the stop event is set or the source is exhausted; every wait has a timeout.
+
+        Call `beat()` at every turn and wait with `wait()`, so the heartbeat shows the source is alive.
+        """
+
+    def beat(self) -> None:
+        """The source is alive (not stuck in a read)."""
+        self.heartbeat = time.monotonic()
+
+    def wait(self, seconds: float, step: float = 1.0) -> bool:
+        """Wait up to `seconds` (beating at least every `step`); True when the stop event was set."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._stop.is_set()
+            if self._stop.wait(min(step, left)):
+                return True
 
     def ack(self, frame: Frame, ok: bool, reason: FrameError | None = None) -> None:
         """The frame's result was handed to every sink: `ok`, or failed for `reason` (code + message)."""

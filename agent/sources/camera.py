@@ -110,13 +110,14 @@ class CameraSource(FrameSource):
         last_sent = float("-inf")
         first = True
         while not self._stop.is_set():
+            self.beat()
             if self._capture is None:
                 if not first:
                     self.count("reconnects")
                 first = False
                 if not self._connect():
                     logger.warning("camera %s: cannot open; retrying in %.1f s", _redact(self.config.uri), delay)
-                    self._stop.wait(delay)
+                    self.wait(delay)
                     delay = min(delay * 2.0, self.config.reconnect_max_s)
                     continue
                 logger.info("camera %s opened", _redact(self.config.uri))
@@ -134,7 +135,7 @@ class CameraSource(FrameSource):
                         delay,
                     )
                     self._release_capture()
-                    self._stop.wait(delay)
+                    self.wait(delay)
                     delay = min(delay * 2.0, self.config.reconnect_max_s)
                 continue
             failures = 0

@@ -325,13 +325,15 @@ class FolderSource(FrameSource):
     def frames(self) -> Iterator[Frame]:
         """Yield complete images oldest-first until stopped; polls every `poll_interval` seconds."""
         while not self._stop.is_set():
+            self.beat()
             for name in self._ready():
                 if self._stop.is_set():
                     return
                 frame = self._take(name)
+                self.beat()
                 if frame is not None:
                     yield frame
-            self._stop.wait(self.config.poll_interval)
+            self.wait(self.config.poll_interval)
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -118,11 +118,12 @@ class ReplaySource(FrameSource):
                     return
                 if interval:
                     # Deadline pacing: a late frame does not push every later frame back.
-                    if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                    if self.wait(max(0.0, next_at - time.monotonic())):
                         return
                     next_at = max(next_at + interval, time.monotonic() - interval)
                 elif self._stop.is_set():
                     return
+                self.beat()
                 base = self._decoded(name)
                 sent += 1
                 self.count("frames")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 
 from lineside.agent.config import QueueConfig
 from lineside.agent.pipeline import Pipeline, inspect_frame
+from lineside.agent.results import Frame
 from lineside.agent.sinks import JsonlSink
 from lineside.agent.sources import FolderSource, FolderSourceConfig, ReplaySource, ReplaySourceConfig
-from lineside.agent.sources.base import frame_from_bytes
+from lineside.agent.sources.base import FrameSource, frame_from_bytes
 
 
 @pytest.fixture
@@ -235,3 +237,79 @@ def test_inspect_frame_never_raises(make_png: Callable[..., bytes], make_inspect
     assert result.error is not None and result.error.code == "inference_failed"
     assert result.result_id == frame.result_id
     assert isinstance(frame.image, np.ndarray)
+
+
+class StuckSource(FrameSource):
+    """A source whose read hangs (a dead share or grabber) until `unstick` is set."""
+
+    config_class = ReplaySourceConfig
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(ReplaySourceConfig(kind="replay", path=folder))
+        self.unstick = threading.Event()
+        self.stuck = threading.Event()
+
+    def frames(self) -> Iterator[Frame]:
+        while not self._stop.is_set():
+            self.beat()
+            self.stuck.set()
+            self.unstick.wait()  # the read that never returns, no beat meanwhile
+            self.stuck.clear()
+            if self.wait(0.05):
+                return
+        yield from ()  # a generator, as frames() must be
+
+
+def _age(pipeline: Pipeline) -> float:
+    return time.monotonic() - pipeline.last_progress()
+
+
+def test_a_read_stuck_inside_the_source_stops_the_progress_an_idle_line_does_not(
+    images: Path, tmp_path: Path, make_inspector: Callable
+) -> None:
+    # given a pipeline on a source that hangs in a read, and one on an empty hot folder
+    stuck_source = StuckSource(images)
+    stuck = Pipeline(stuck_source, make_inspector(), [], poll_s=0.02)
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    idle = Pipeline(
+        FolderSource(FolderSourceConfig(kind="folder", path=hot, poll_interval=0.05)), make_inspector(), [], poll_s=0.02
+    )
+    stuck.start()
+    idle.start()
+    try:
+        assert stuck_source.stuck.wait(5)
+
+        # when a second passes
+        time.sleep(1.0)
+
+        # then the stuck capture shows, the idle line does not
+        assert _age(stuck) >= 0.9
+        assert _age(idle) < 0.5
+
+        # and once the read returns, progress resumes
+        stuck_source.unstick.set()
+        deadline = time.monotonic() + 5
+        while _age(stuck) > 0.5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _age(stuck) <= 0.5
+    finally:
+        stuck_source.unstick.set()
+        stuck.stop()
+        idle.stop()
+
+
+def test_capture_waiting_on_a_full_queue_is_not_stuck(images: Path, make_inspector: Callable) -> None:
+    # given slow inference and a queue of one, so capture waits on the pipeline (block policy)
+    pipeline = Pipeline(
+        replay(images, loop=True), make_inspector(delay=0.3), [], QueueConfig(capacity=1), policy="block", poll_s=0.02
+    )
+    pipeline.start()
+    try:
+        # when the queue stays full for a while
+        time.sleep(1.0)
+
+        # then the watchdog sees life at both ends
+        assert _age(pipeline) < 0.5
+    finally:
+        pipeline.stop()
