@@ -37,6 +37,22 @@ logger = logging.getLogger(__name__)
 CommandHandler = Callable[[mqtt.MQTTMessage], None]
 
 
+def secure_client(client: mqtt.Client, config: MqttConfig, password: str | None) -> None:
+    """Credentials, TLS and reconnect backoff of the config on a paho client (every connection of ours)."""
+    if config.username is not None:
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        tls = config.tls
+        client.tls_set(
+            ca_certs=str(tls.ca_file),
+            certfile=None if tls.cert_file is None else str(tls.cert_file),
+            keyfile=None if tls.key_file is None else str(tls.key_file),
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(not tls.check_hostname)
+    client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+
+
 class MqttLink:
     """Connection, status, outbox pump and command subscription; see the module docstring."""
 
@@ -67,19 +83,8 @@ class MqttLink:
             self.client = mqtt.Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
             )
-        if config.username is not None:
-            self.client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            tls = config.tls
-            self.client.tls_set(
-                ca_certs=str(tls.ca_file),
-                certfile=None if tls.cert_file is None else str(tls.cert_file),
-                keyfile=None if tls.key_file is None else str(tls.key_file),
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(not tls.check_hostname)
+        secure_client(self.client, config, password)
         self.client.will_set(self.topic("status"), offline_payload, qos=1, retain=True)
-        self.client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
         self.client.on_connect = self._handle_connect
         self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from lineside.agent.mqtt import spb_proto
 from lineside.agent.mqtt.config import MqttConfig
+from lineside.agent.mqtt.link import secure_client
 from lineside.agent.mqtt.spb_proto import DataType, Metric, Payload
 from lineside.agent.results import InspectionResult
 
@@ -102,18 +102,7 @@ class SparkplugNode:
         self.connected = threading.Event()
         client_id = f"{config.client_id or f'lineside-{station}'}-spb"[:64]
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        if config.username is not None:
-            self.client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            tls = config.tls
-            self.client.tls_set(
-                ca_certs=str(tls.ca_file),
-                certfile=None if tls.cert_file is None else str(tls.cert_file),
-                keyfile=None if tls.key_file is None else str(tls.key_file),
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(not tls.check_hostname)
-        self.client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+        secure_client(self.client, config, password)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

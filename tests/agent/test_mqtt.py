@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lineside.agent.config import AgentConfig, parse_config
+from lineside.agent.events import Event
 from lineside.agent.mqtt.outbox import Outbox
 from lineside.agent.runtime import Agent
 
@@ -54,8 +55,10 @@ def run_agent(make_inspector: Callable) -> Iterator[Callable[[AgentConfig], Agen
     """Starts agents in-process with a recording engine; stops them when the test ends."""
     agents: list[Agent] = []
 
-    def start(config: AgentConfig) -> Agent:
+    def start(config: AgentConfig, on_event: Callable[[Event], None] | None = None) -> Agent:
         agent = Agent(config, engine_loader=lambda c: make_inspector())
+        if on_event is not None:
+            agent.events.subscribe(on_event)  # before start: the first events come during it
         agents.append(agent)
         agent.start()
         return agent
@@ -383,8 +386,6 @@ def test_username_and_password_from_the_credential_reach_the_broker_and_a_wrong_
 ) -> None:
     import subprocess
 
-    from lineside.agent.events import Event
-
     # given a broker that accepts only known users, and a PLC logged in as itself
     passwords = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "cell-07", "s3cret"], check=True)
@@ -397,8 +398,7 @@ def test_username_and_password_from_the_credential_reach_the_broker_and_a_wrong_
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     config = mqtt_config(tmp_path, images, broker.port, source={"max_frames": 3}, username="cell-07")
     refused: list[Event] = []
-    wrong = run_agent(config)
-    wrong.events.subscribe(lambda e: refused.append(e) if e.kind == "mqtt_refused" else None)
+    wrong = run_agent(config, lambda e: refused.append(e) if e.kind == "mqtt_refused" else None)
     line.wait_for(lambda: len(refused) >= 1, "the refusal reported as an event")
     wrong.wait()
 
@@ -909,15 +909,12 @@ def test_tls_with_a_wrong_ca_is_refused_with_a_clear_event_no_crash_and_nothing_
     run_agent: Callable,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from lineside.agent.events import Event
-
     # given a TLS broker and an agent that trusts another CA
     broker, plain, ca_file, wrong_ca = tls_broker
     line = plc(plain, PREFIX)
     config = mqtt_config(tmp_path, images, broker.port, source={"max_frames": 3}, tls={"ca_file": str(wrong_ca)})
     failures: list[Event] = []
-    agent = run_agent(config)
-    agent.events.subscribe(lambda e: failures.append(e) if e.kind == "mqtt_tls_failed" else None)
+    agent = run_agent(config, lambda e: failures.append(e) if e.kind == "mqtt_tls_failed" else None)
 
     # when it tries to connect, then the handshake failure is reported as an event and logged, naming the cause
     line.wait_for(lambda: len(failures) >= 1, "the TLS failure reported as an event")
