@@ -5,15 +5,10 @@ and no result is missing; a kill while connected leaves the retained status `off
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
@@ -22,54 +17,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 90.0  # bundle verification, session creation, warm-up and golden check on a busy CPU
 PREFIX = "lineside/plant-1/line-3/cell-07"
-
-
-class Daemon:
-    """`python -m lineside.agent.cli run` with its output in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "JOURNAL_STREAM", "AWS_PROFILE")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.log = log
-        self._log_file: IO[bytes] = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lineside.agent.cli", "run", "--config", str(config)],
-            cwd=REPO,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = STARTUP_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                pytest.fail(f"agent exited with {self.proc.returncode} while waiting for {what}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.tail()}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log_file.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[Callable[[Path, Path], Daemon]]:
-    started: list[Daemon] = []
-
-    def start(config: Path, log: Path) -> Daemon:
-        started.append(Daemon(config, log))
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        daemon.kill()
 
 
 def write_config(tmp_path: Path, bundle: Path, port: int) -> Path:
