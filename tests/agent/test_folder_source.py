@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -790,22 +791,74 @@ def test_close_before_start_is_safe(hot: Path) -> None:
     source.close()
 
 
-def test_a_hot_folder_that_vanishes_is_polled_until_it_comes_back(hot: Path, put_png: Callable[..., Path]) -> None:
+def test_a_hot_folder_that_vanishes_is_polled_until_it_comes_back(
+    hot: Path, put_png: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
     # given a running source whose hot folder disappears (a network share unmounted)
     out = hot.parent
     source = make_source(hot, state_dir=out / "state", done_dir=out / "done", failed_dir=out / "failed")
     runner = Runner(source)
+    caplog.set_level(logging.INFO, logger="lineside.agent.sources.folder")
     try:
+        assert source.problem() is None
         hot.rmdir()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while source.snapshot().get("scan_errors", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # then it is reported as missing (readiness reads this), logged once for the whole outage
+        assert source.problem() == f"hot folder {hot} is missing"
 
         # when it comes back with a file
         hot.mkdir()
         put_png(hot / "back.png")
 
-        # then the source survived, counted the failed scans, and delivers
+        # then the source survived, counted the failed scans, delivers, and says it is back
         (frame,) = runner.take(1)
         assert frame.frame_id == "back.png"
-        assert source.snapshot()["scan_errors"] >= 1
+        assert source.snapshot()["scan_errors"] >= 3 and source.problem() is None
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("cannot scan hot folder" in m for m in messages) == 1
+        assert sum(m == f"hot folder {hot} is back" for m in messages) == 1
     finally:
         runner.close()
+
+
+def test_a_ledger_at_its_limit_is_left_as_it_is(hot: Path) -> None:
+    # given exactly as many entries as the limit
+    state = hot / ".lineside"
+    state.mkdir()
+    text = "".join(json.dumps({"key": f"k{i}", "result_id": f"r{i}", "ok": True}) + "\n" for i in range(3))
+    (state / LEDGER_NAME).write_text(text)
+
+    # when / then: nothing to compact, the file is not rewritten
+    Ledger(state / LEDGER_NAME, keep=3).close()
+    assert (state / LEDGER_NAME).read_text() == text
+
+
+def test_a_partial_last_ledger_line_is_dropped_and_said(hot: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # given a complete entry and the first 9 bytes of the next, cut by a crash
+    state = hot / ".lineside"
+    state.mkdir()
+    whole = json.dumps({"key": "k", "result_id": "r", "ok": True}) + "\n"
+    (state / LEDGER_NAME).write_text(whole + '{"key": "')
+
+    # when
+    Ledger(state / LEDGER_NAME).close()
+
+    # then the cut entry is gone from the file, and the log says how much was dropped
+    lines = (state / LEDGER_NAME).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["key"] == "k"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{state / LEDGER_NAME}: dropping a partial last line (9 bytes)"]
+
+
+def test_a_complete_ledger_opens_without_a_warning(hot: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = hot / ".lineside"
+    state.mkdir()
+    (state / LEDGER_NAME).write_text(json.dumps({"key": "k", "result_id": "r", "ok": True}) + "\n")
+    Ledger(state / LEDGER_NAME).close()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_one_pattern_is_enough(hot: Path) -> None:
+    assert FolderSourceConfig(kind="folder", path=hot, patterns=["*.tif"]).patterns == ["*.tif"]
