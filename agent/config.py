@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
+from lineside.agent.s3.config import S3Config
 from lineside.agent.services.health import HealthConfig
 from lineside.agent.services.notify import NotifyConfig
 from lineside.agent.services.status_log import StatusLogConfig
@@ -113,6 +114,10 @@ class AgentConfig(StrictConfig):
         default=None,
         description="MQTT to the PLC/SCADA (results through a durable outbox, status, events, metrics, "
         "commands); none = no MQTT.",
+    )
+    s3: S3Config | None = Field(
+        default=None,
+        description="The S3 bucket (or S3-compatible store) for flagged uploads and model updates; none = no S3.",
     )
 
     def problems(self, key: str = "") -> list[str]:
