@@ -94,6 +94,7 @@ class AgentStatus:
     paused: bool = False
     source_problem: str | None = None  # why the source cannot deliver now (hot folder gone), else None
     queue_depths: dict[str, int] = field(default_factory=dict)  # services' own queues (mqtt_outbox)
+    service_counters: dict[str, dict[str, int]] = field(default_factory=dict)  # per service: its counters()
 
 
 class Agent:
@@ -371,6 +372,7 @@ class Agent:
             paused=pipeline.paused if pipeline is not None else False,
             source_problem=source.problem() if source is not None else None,
             queue_depths=_queue_depths(started),
+            service_counters=_service_counters(started),
         )
 
     def _set_state(self, state: AgentState) -> None:
@@ -390,3 +392,17 @@ def _queue_depths(services: Sequence[Service]) -> dict[str, int]:
         except Exception:
             logger.exception("service %s could not report its queues", service.name)
     return depths
+
+
+def _service_counters(services: Sequence[Service]) -> dict[str, dict[str, int]]:
+    """Counters services report (`counters()`, optional: uploads done, evicted, updates rejected...)."""
+    found: dict[str, dict[str, int]] = {}
+    for service in services:
+        report = getattr(service, "counters", None)
+        if report is None or not callable(report):
+            continue
+        try:
+            found[service.name] = {str(k): int(v) for k, v in report().items()}
+        except Exception:
+            logger.exception("service %s could not report its counters", service.name)
+    return found

@@ -21,6 +21,8 @@ class Service(Protocol):
 
     A service with a queue of its own may also offer `queue_depths() -> dict[str, int]` (quick, never
     blocking: MQTT's outbox); `Agent.status()` gathers them for /metrics and the other readers.
+    Likewise `counters() -> dict[str, int]` (monotonic totals: uploads done, evicted, updates rejected),
+    exported as `lineside_service_events_total{service, counter}`.
     """
 
     name: str

@@ -158,6 +158,15 @@ class _StatusCollector:
         for name, depth in sorted(status.queue_depths.items()):
             queue.add_metric([name], float(depth))
         yield queue
+        service_events = CounterMetricFamily(
+            "lineside_service_events",
+            "Totals services count (uploads, evictions, updates...).",
+            labels=["service", "counter"],
+        )
+        for service, values in sorted(status.service_counters.items()):
+            for counter, value in sorted(values.items()):
+                service_events.add_metric([service, counter], float(value))
+        yield service_events
         yield GaugeMetricFamily(
             "lineside_last_progress_age_seconds",
             "Seconds since the inference loop last went round (it beats while idle too).",

@@ -292,3 +292,49 @@ def test_without_nvml_there_is_no_gpu_metric_and_no_error(
     # then the page is served either way, with GPU figures exactly when NVML answered
     assert code == 200
     assert ("lineside_gpu_memory_total_bytes" in text) == bool(health.metrics.gpu.memory())
+
+
+class _CountingService:
+    """A service that reports counters, as uploads and updates do."""
+
+    name = "counting"
+    section = "counting"
+
+    @classmethod
+    def from_agent(cls, agent: Agent) -> _CountingService:
+        return cls()
+
+    def start(self, stop: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def counters(self) -> dict[str, int]:
+        return {"uploaded": 3, "evicted": 1}
+
+
+def test_service_counters_are_exported_by_service_and_counter(
+    images: Path, make_inspector: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a service with counters started beside the health service
+    import lineside.agent.runtime as runtime
+
+    monkeypatch.setattr(runtime, "SERVICE_PLUGINS", (_CountingService, HealthService))
+    agent = Agent(
+        agent_config(images, {"kind": "replay", "path": str(images)}), engine_loader=lambda c: make_inspector()
+    )
+    agent.start()
+    try:
+        health = next(s for s in agent.services if isinstance(s, HealthService))
+        # when
+        _, text = get(f"http://127.0.0.1:{health.port}/metrics")
+        status = agent.status()
+    finally:
+        agent.stop()
+
+    # then
+    assert status.service_counters == {"counting": {"uploaded": 3, "evicted": 1}}
+    found = samples(text)
+    assert found[("lineside_service_events_total", (("counter", "uploaded"), ("service", "counting")))] == 3
+    assert found[("lineside_service_events_total", (("counter", "evicted"), ("service", "counting")))] == 1
