@@ -36,7 +36,7 @@ from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
 from lineside.agent.inference.types import ModelOutputs
 from lineside.agent.models import MODEL_KINDS
-from lineside.export.calibrate import calibrate
+from lineside.export.calibrate import DEFAULT_TARGET_RECALL, calibrate
 from lineside.export.data.base import Dataset, Sample
 from lineside.export.models import EXPORT_KINDS
 from lineside.export.onnx_export import check_parity, export_block
@@ -56,6 +56,7 @@ class BuildOptions:
     version: str | None = None
     force: bool = False
     dataset_summary: DatasetSummary | None = None
+    target_recall: float = DEFAULT_TARGET_RECALL  # the image decision's operating point (export.calibrate)
 
 
 def dataset_summary(dataset: Dataset, train: Dataset, val: Dataset, test: Dataset) -> DatasetSummary:
@@ -243,7 +244,7 @@ def build_bundle(opts: BuildOptions) -> Path:
         # Calibrate through the agent's own engine, so thresholds fit what the device computes.
         engine = InferenceEngine(LoadedBundle(tmp, draft), providers=["cpu"])
         outputs = [engine.analyze(s.load()) for s in calib]
-        thresholds, rule, figures = calibrate(outputs, calib, kinds)
+        thresholds, rule, figures = calibrate(outputs, calib, kinds, opts.target_recall)
         calibrated = {k: spec.model_copy(update={"thresholds": thresholds[k]}) for k, spec in models.items()}
         manifest = draft.model_copy(update={"models": calibrated, "decision": rule, "calibration": figures})
         engine = InferenceEngine(LoadedBundle(tmp, manifest), providers=["cpu"])

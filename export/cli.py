@@ -29,6 +29,26 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--minutes expects a positive number, got {text!r}") from err
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--minutes expects a positive number, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from err
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _train(args: argparse.Namespace, kind: str) -> int:
     from lineside.export.models import EXPORT_KINDS
     from lineside.export.train import TrainOptions
@@ -48,6 +68,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         simulate=getattr(args, "simulate", 0.0),
         copy_paste=getattr(args, "copy_paste", 0.0),
         imagenet=getattr(args, "imagenet", None),
+        minutes=args.minutes,
+        resume=args.resume,
     )
     out = EXPORT_KINDS[kind].train(train, val, opts, split)
     print(f"{kind} trained: {out}")
@@ -96,6 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             version=args.version,
             force=args.force,
             dataset_summary=summary,
+            target_recall=args.target_recall,
         )
     )
     print(f"bundle written: {out} and {out}.tar.gz")
@@ -118,6 +141,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(f"decision rule: defective if any of {report['decision_rule']} fires")
     print(format_table(report["methods"]))
+    point, auroc = report["operating_point"], report["auroc"]
+    print(
+        f"operating point: image recall {point['recall']:.3f}, false alarms {point['false_alarm_rate']:.3f} of "
+        f"normal images, {point['false_boxes_per_normal_image']:.2f} false boxes per normal image, box recall "
+        f"@IoU.25 {point['box_recall_iou25']:.3f}; flag-everything image F1 {point['flag_everything_image_f1']:.3f}"
+    )
+    print("AUROC: " + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in auroc.items()))
     print(
         f"latency per image (models + post-processing): median {report['latency_ms']['median']:.1f} ms, "
         f"p99 {report['latency_ms']['p99']:.1f} ms on {', '.join(report['providers'])}"
@@ -155,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
         p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--minutes", type=_minutes, help="wall-clock budget (all sessions of a resumed run together)")
+        p.add_argument(
+            "--resume", action="store_true", help="continue the run in --out (weights, optimiser, history, time)"
+        )
         handler.add_arguments(p)
         p.set_defaults(func=lambda a, k=kind: _train(a, k))
 
@@ -174,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write (a .tar.gz is written beside it)")
     p.add_argument("--version")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument(
+        "--target-recall",
+        type=_share,
+        default=0.98,
+        help="image recall the decision must reach on validation, at the fewest false alarms (default 0.98)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("evaluate", help="score a bundle on test images through ONNX Runtime")

@@ -51,6 +51,22 @@ def _evaluate(engine: InferenceEngine, test: Dataset) -> dict[str, Any]:
             metrics.ImageEval(s.name, gt, boxes, scores, (o.height, o.width), bool(s.label), p.is_defective, p.score)
         )
     results["combined"] = metrics.evaluate_method(combined)
+    fused = np.asarray([p.score for p in predictions], np.float64)
+    decisions = np.asarray([p.is_defective for p in predictions])
+    normal = ~labels
+    false_boxes = sum(len(p.boxes) for p, is_normal in zip(predictions, normal, strict=True) if is_normal)
+    operating = {
+        "recall": metrics.image_level(labels, decisions)["recall"],
+        "false_alarm_rate": float(np.count_nonzero(decisions & normal) / max(int(normal.sum()), 1)),
+        "false_boxes_per_normal_image": false_boxes / max(int(normal.sum()), 1),
+        "box_recall_iou25": results["combined"]["box"]["iou25"]["recall"],
+        "flag_everything_image_f1": metrics.image_level(labels, np.ones_like(labels))["f1"],
+        "validation": engine.manifest.calibration.get("operating_point"),
+    }
+    auroc = {
+        "decision_score": metrics.auroc(fused, labels),
+        **{kind: metrics.auroc([o.models[kind].score for o in outputs], labels) for kind in engine.manifest.models},
+    }
     ms = [o.timings_ms.get("models_total", 0.0) for o in outputs]
     return {
         "bundle_id": engine.manifest.bundle_id,
@@ -61,6 +77,8 @@ def _evaluate(engine: InferenceEngine, test: Dataset) -> dict[str, Any]:
         "defective_images": int(labels.sum()),
         "thresholds": {kind: t.model_dump() for kind, t in thresholds.items()},
         "decision_rule": engine.manifest.decision.defective_if_any,
+        "auroc": auroc,
+        "operating_point": operating,
         "latency_ms": {"median": float(np.median(ms)), "p99": float(np.percentile(ms, 99))},
         "methods": results,
     }

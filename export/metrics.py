@@ -478,3 +478,41 @@ def format_table(results_by_method: Mapping[str, Mapping[str, Any]]) -> str:
             cells.append(f"  {'-':>8}" if value is None else f"  {value:>8.3f}")
         lines.append(method.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking and operating points
+
+
+def auroc(scores: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[bool]) -> float | None:
+    """Area under the ROC curve (probability a defective image outranks a normal one; ties count half).
+
+    None when one class is missing (the area is undefined, not 0.5).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"auroc: {y.size} labels but {s.size} scores")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # Mann-Whitney U from average ranks (ties share their mean rank).
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(s.size, dtype=np.float64)
+    sorted_s = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b + 1) / 2.0  # mean of ranks a+1..b
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def false_alarm_levels(normal_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """For each score: the share of normal images scoring at least as high (the false-alarm rate of the
+    loosest threshold that still flags it). 0 where there is no normal image to compare with."""
+    n = np.sort(np.asarray(normal_scores, dtype=np.float64).reshape(-1))
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if n.size == 0:
+        return np.zeros(s.size)
+    return (n.size - np.searchsorted(n, s, side="left")) / n.size

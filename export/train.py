@@ -9,6 +9,7 @@ per-epoch losses, time and device) that `build` reads. Data-parallel over the GP
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -50,6 +51,97 @@ class TrainOptions:
     simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
     copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
     imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
+    minutes: float | None = None  # wall-clock budget for this model, all sessions together; None: epochs only
+    resume: bool = False  # continue the run in `out` (weights, optimiser state, history, time spent)
+
+
+TRAINER_FILE = "trainer.states"  # optimiser state and step count, for --resume
+WARMUP_SHARE = 0.05  # of the planned steps, at most WARMUP_MAX steps, from a tenth of the rate
+WARMUP_MAX = 200
+
+
+class TrainClock:
+    """Training seconds across sessions: what earlier sessions spent plus this one's."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.before = 0.0
+        self.started = time.perf_counter()
+
+    def used(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def progress(self) -> float:
+        """Share of the budget used (0 without a budget)."""
+        return self.used() / self.budget_s if self.budget_s else 0.0
+
+    def over(self) -> bool:
+        return self.budget_s is not None and self.used() >= self.budget_s
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with the optimiser: keep no live timer
+        return {"budget_s": self.budget_s, "before": self.before, "started": 0.0}
+
+
+class BudgetSchedule(mx.lr_scheduler.LRScheduler):
+    """Linear warm-up, then cosine decay to `final_lr`. Progress is the larger of steps done / planned and
+    time used / budget, so whichever of `--epochs` and `--minutes` ends first, the rate has decayed."""
+
+    def __init__(self, max_update: int, base_lr: float, final_lr: float, clock: TrainClock) -> None:
+        super().__init__(base_lr=base_lr)
+        self.max_update = max(max_update, 1)
+        self.final_lr = final_lr
+        self.warmup = min(WARMUP_MAX, int(self.max_update * WARMUP_SHARE))
+        self.clock = clock
+
+    def __call__(self, num_update: int) -> float:
+        if num_update < self.warmup:
+            return self.base_lr * (0.1 + 0.9 * num_update / self.warmup)
+        progress = min(1.0, max(num_update / self.max_update, self.clock.progress()))
+        return self.final_lr + (self.base_lr - self.final_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def make_trainer(
+    net: gluon.HybridBlock, opts: TrainOptions, *, final_share: float, wd: float | None = 1e-4
+) -> tuple[gluon.Trainer, TrainClock]:
+    """Adam with the budget-aware schedule; the clock is shared with `run_loop`."""
+    clock = TrainClock(opts.minutes * 60 if opts.minutes else None)
+    schedule = BudgetSchedule(
+        opts.epochs * opts.iters_per_epoch, opts.learning_rate, opts.learning_rate * final_share, clock
+    )
+    params: dict[str, Any] = {"learning_rate": opts.learning_rate, "lr_scheduler": schedule}
+    if wd:
+        params["wd"] = wd
+    return gluon.Trainer(net.collect_params(), "adam", params), clock
+
+
+def resume_run(
+    opts: TrainOptions,
+    kind: str,
+    arch: dict[str, Any],
+    prep: Preprocessing,
+    net: gluon.HybridBlock,
+    trainer: gluon.Trainer,
+    clock: TrainClock,
+    ctxs: list[mx.Context],
+) -> tuple[Preprocessing, list[dict[str, float]]]:
+    """With `--resume` and a run in `out`: its weights, optimiser state, history and time spent.
+
+    Returns (preprocessing, history); without a run to resume, (prep, []) and training starts afresh.
+    """
+    if not opts.resume or not (opts.out / TRAIN_FILE).is_file():
+        return prep, []
+    record = read_run(opts.out, kind)
+    if record.architecture != arch:
+        raise ExportError(f"--resume {opts.out}: architecture {record.architecture} is not {arch}")
+    net.load_parameters(str(opts.out / PARAMS_FILE), ctx=ctxs)
+    schedule = trainer.optimizer.lr_scheduler
+    if (opts.out / TRAINER_FILE).is_file():
+        trainer.load_states(str(opts.out / TRAINER_FILE))
+        trainer.optimizer.lr_scheduler = schedule  # the pickled one holds a dead clock
+    clock.before = record.training.seconds
+    history = [h.model_dump() for h in record.history]
+    logger.info("resuming %s from %s: %d epochs, %.0f s done", kind, opts.out, len(history), clock.before)
+    return record.preprocessing, history
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -125,12 +217,23 @@ def run_loop(
     trainer: gluon.Trainer,
     step: Callable[[bool], float],
     validate: Callable[[], float],
-    checkpoint: Callable[[list[dict[str, float]], float], object],
+    checkpoint: Callable[..., object],
+    clock: TrainClock | None = None,
+    history: list[dict[str, float]] | None = None,
 ) -> tuple[list[dict[str, float]], float]:
-    """Epoch loop with tqdm progress; per-epoch mean train loss and validation loss."""
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    for epoch in range(1, opts.epochs + 1):
+    """Epoch loop with tqdm progress; per-epoch mean train loss and validation loss.
+
+    Ends after `opts.epochs` epochs (counting resumed ones) or when the clock's budget is used up, in
+    the middle of an epoch if need be (that epoch is recorded as partial). After every epoch the run
+    folder is complete (weights, record, optimiser state): it can be built from, or resumed.
+    """
+    clock = clock or TrainClock(opts.minutes * 60 if opts.minutes else None)
+    history = list(history or [])
+    stopped = "epochs"
+    if len(history) >= opts.epochs or clock.over():
+        logger.info("%s: run already complete (%d epochs, %.0f s)", name, len(history), clock.used())
+        return history, clock.used()
+    for epoch in range(len(history) + 1, opts.epochs + 1):
         losses = []
         bar = tqdm(
             range(opts.iters_per_epoch),
@@ -142,19 +245,42 @@ def run_loop(
         for _ in bar:
             losses.append(step(True))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if clock.over():
+                stopped = "budget"
+                break
         train_loss = float(np.mean(losses))
         val_loss = validate()
         if not np.isfinite(train_loss):
             raise ExportError(f"{name}: training diverged at epoch {epoch} (loss {train_loss})")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-        seconds = time.perf_counter() - start
+        seconds = clock.used()
+        cut = stopped == "budget"
+        partial_note = f" (partial: {len(losses)}/{opts.iters_per_epoch} it, budget used)" if cut else ""
         tqdm.write(
             f"{name} epoch {epoch}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-            f"({seconds:.0f} s)"
+            f"({seconds:.0f} s){partial_note}"
         )
         # A usable run folder after every epoch: long runs can be built from before they end.
-        checkpoint(history, seconds)
-    return history, time.perf_counter() - start
+        checkpoint(history, seconds, stopped=stopped)
+        _save_trainer(trainer, opts.out)
+        if stopped == "budget":
+            if epoch == 1 and len(losses) < opts.iters_per_epoch:
+                logger.warning(
+                    "%s: the budget of %.1f min held only %d of %d iterations of one epoch: the model is "
+                    "barely trained; give more --minutes or fewer --iters",
+                    name,
+                    (clock.budget_s or 0) / 60,
+                    len(losses),
+                    opts.iters_per_epoch,
+                )
+            break
+    return history, clock.used()
+
+
+def _save_trainer(trainer: gluon.Trainer, out: Path) -> None:
+    tmp = out / (TRAINER_FILE + ".tmp")
+    trainer.save_states(str(tmp))
+    os.replace(tmp, out / TRAINER_FILE)
 
 
 def write_run(
@@ -172,6 +298,7 @@ def write_run(
     split: Split | None,
     n_train: int,
     n_val: int,
+    stopped: str = "epochs",
 ) -> Path:
     opts.out.mkdir(parents=True, exist_ok=True)
     tmp = opts.out / (PARAMS_FILE + ".tmp")
@@ -193,6 +320,9 @@ def write_run(
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
             "imagenet": opts.imagenet,
+            "planned_epochs": opts.epochs,
+            "minutes": opts.minutes,
+            "stopped_by": stopped,
         },
     )
     record = RunRecord(

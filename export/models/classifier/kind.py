@@ -27,6 +27,8 @@ from lineside.export.train import (
     TrainOptions,
     contexts,
     make_preprocessing,
+    make_trainer,
+    resume_run,
     run_loop,
     seed_everything,
     split_load,
@@ -83,15 +85,9 @@ class ClassifierKind(ExportKind):
             net = build_classifier(backbone)
             net.initialize(mx.init.Xavier(), ctx=ctxs)
         net.hybridize(static_alloc=True, static_shape=True)
-        steps = opts.epochs * opts.iters_per_epoch
-        schedule = mx.lr_scheduler.CosineScheduler(
-            max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.02
-        )
-        trainer = gluon.Trainer(
-            net.collect_params(),
-            "adam",
-            {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4},
-        )
+        trainer, clock = make_trainer(net, opts, final_share=0.02)
+        arch = {"backbone": backbone}
+        prep, history = resume_run(opts, "classifier", arch, prep, net, trainer, clock, ctxs)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         val_batches = [
             _cls_batch(val_sampler, opts.batch_size, val_sampler.rng, False) for _ in range(opts.val_batches)
@@ -115,13 +111,12 @@ class ClassifierKind(ExportKind):
         def validate() -> float:
             return float(np.mean([run(*b, False) for b in val_batches]))
 
-        arch = {"backbone": backbone}
         checkpoint = partial(
             write_run, opts=opts, net=net, kind="classifier", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("classifier", opts, trainer, step, validate, checkpoint)
+        run_loop("classifier", opts, trainer, step, validate, checkpoint, clock, history)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

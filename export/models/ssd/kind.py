@@ -32,6 +32,8 @@ from lineside.export.train import (
     contexts,
     continue_from,
     make_preprocessing,
+    make_trainer,
+    resume_run,
     run_loop,
     seed_everything,
     split_load,
@@ -212,18 +214,9 @@ class SSDKind(ExportKind):
         target_gen = SSDTargetGenerator(iou_thresh=0.5, stds=(0.1, 0.1, 0.2, 0.2), negative_mining_ratio=-1)
         # min_hard_negatives lets defect-free tiles teach the background too.
         loss_fn = SSDMultiBoxLoss(min_hard_negatives=32)
-        steps = opts.epochs * opts.iters_per_epoch
-        schedule = mx.lr_scheduler.CosineScheduler(
-            max_update=max(steps, 1),
-            base_lr=opts.learning_rate,
-            final_lr=opts.learning_rate * 0.02,
-            warmup_steps=min(200, steps // 10),
-        )
-        trainer = gluon.Trainer(
-            net.collect_params(),
-            "adam",
-            {"learning_rate": opts.learning_rate, "lr_scheduler": schedule, "wd": 1e-4},
-        )
+        trainer, clock = make_trainer(net, opts, final_share=0.02)
+        arch = {"preset": preset_name}
+        prep, history = resume_run(opts, "ssd", arch, prep, net, trainer, clock, ctxs)
         val_batches = [
             _ssd_batch(val_sampler, opts.batch_size, val_sampler.rng, 0.75, False) for _ in range(opts.val_batches)
         ]
@@ -258,14 +251,12 @@ class SSDKind(ExportKind):
         def validate() -> float:
             return float(np.mean([losses(*b, False) for b in val_batches]))
 
-        arch = {"preset": preset_name}
-
         checkpoint = partial(
             write_run, opts=opts, net=net, kind="ssd", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("ssd", opts, trainer, step, validate, checkpoint)
+        run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

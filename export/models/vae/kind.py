@@ -11,7 +11,7 @@ from typing import Any
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon
+from mxnet import autograd
 
 from lineside.agent.bundle.schema import Preprocessing
 from lineside.agent.inference.preprocess import normalise_tiles
@@ -28,6 +28,8 @@ from lineside.export.train import (
     TrainOptions,
     contexts,
     make_preprocessing,
+    make_trainer,
+    resume_run,
     run_loop,
     seed_everything,
     split_load,
@@ -59,13 +61,9 @@ class VAEKind(ExportKind):
         net = ConvVAE(latent_channels=latent, width=width)
         net.initialize(mx.init.Xavier(), ctx=ctxs)
         net.hybridize(static_alloc=True, static_shape=True)
-        steps = opts.epochs * opts.iters_per_epoch
-        schedule = mx.lr_scheduler.CosineScheduler(
-            max_update=max(steps, 1), base_lr=opts.learning_rate, final_lr=opts.learning_rate * 0.05
-        )
-        trainer = gluon.Trainer(
-            net.collect_params(), "adam", {"learning_rate": opts.learning_rate, "lr_scheduler": schedule}
-        )
+        trainer, clock = make_trainer(net, opts, final_share=0.05, wd=None)
+        arch = {"width": width, "latent_channels": latent, "beta": beta}
+        prep, history = resume_run(opts, "vae", arch, prep, net, trainer, clock, ctxs)
         empty = np.zeros((0, 4), np.float32)
         lat = VAE_TILE // 16
 
@@ -105,14 +103,12 @@ class VAEKind(ExportKind):
         def validate() -> float:
             return float(np.mean([run(b, False) for b in val_batches]))
 
-        arch = {"width": width, "latent_channels": latent, "beta": beta}
-
         checkpoint = partial(
             write_run, opts=opts, net=net, kind="vae", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("vae", opts, trainer, step, validate, checkpoint)
+        run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

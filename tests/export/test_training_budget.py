@@ -1,0 +1,135 @@
+"""Training that fits the machine: a wall-clock budget, resume after an interruption, the schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lineside.export.synth import SynthSummary
+
+pytestmark = pytest.mark.export
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "lineside.export.cli", "train-vae", "--data", str(data), "--out", str(out),
+        "--batch-size", "4", "--seed", "1", *extra,
+    ]  # fmt: skip
+
+
+def _record(out: Path) -> dict:
+    return json.loads((out / "train.json").read_text(encoding="utf-8"))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_schedule_warms_up_then_decays_by_steps_or_by_time() -> None:
+    from lineside.export.train import BudgetSchedule, TrainClock
+
+    clock = TrainClock(budget_s=None)
+    schedule = BudgetSchedule(max_update=1000, base_lr=1e-3, final_lr=1e-5, clock=clock)
+    assert schedule.warmup == 50  # 5 % of the planned steps
+    assert schedule(0) == pytest.approx(1e-4)  # a tenth of the rate at the first step
+    assert schedule(50) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 0.05)) / 2)
+    assert schedule(1000) == pytest.approx(1e-5)
+    # with a budget, time used drives the decay when it runs ahead of the steps
+    timed = TrainClock(budget_s=100.0)
+    timed.before = 50.0  # half the budget spent in an earlier session
+    schedule = BudgetSchedule(max_update=1000, base_lr=1e-3, final_lr=1e-5, clock=timed)
+    assert schedule(100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5, rel=1e-2)
+    timed.before = 1000.0
+    assert schedule(100) == pytest.approx(1e-5)
+
+
+def test_a_budget_stops_training_mid_epoch_and_says_so(synth_set: tuple[Path, SynthSummary], tmp_path: Path) -> None:
+    data, _ = synth_set
+    out = tmp_path / "run"
+    start = time.monotonic()
+
+    # when: 1000 planned epochs of 50 iterations, 4 seconds of budget
+    done = subprocess.run(
+        _train_cmd(data, out, "--epochs", "1000", "--iters", "50", "--minutes", str(4 / 60)),
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    # then
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = _record(out)
+    assert record["training"]["params"]["stopped_by"] == "budget"
+    assert record["training"]["params"]["planned_epochs"] == 1000
+    assert len(record["history"]) < 1000
+    assert 4.0 <= record["training"]["seconds"] < 60.0
+    assert time.monotonic() - start < 240
+    assert (out / "trainer.states").is_file()
+
+
+def test_resume_continues_an_interrupted_run(synth_set: tuple[Path, SynthSummary], tmp_path: Path) -> None:
+    data, _ = synth_set
+    out = tmp_path / "run"
+    cmd = _train_cmd(data, out, "--epochs", "4", "--iters", "15")
+
+    # given a run killed (SIGKILL, like a power cut) once its first epochs were checkpointed
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "train.json").is_file() and (out / "trainer.states").is_file()):
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    first = _record(out)
+    done_before = len(first["history"])
+    assert 1 <= done_before < 4
+
+    # when
+    resumed = subprocess.run([*cmd, "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    # then the run has all 4 epochs, the earlier ones unchanged, and counts the earlier time
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = _record(out)
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4]
+    assert record["history"][:done_before] == first["history"]
+    assert record["training"]["seconds"] > first["training"]["seconds"]
+    assert record["preprocessing"] == first["preprocessing"]
+    assert "resuming vae" in resumed.stderr
+
+    # and resuming a finished run trains nothing more
+    again = subprocess.run([*cmd, "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _record(out)["history"] == record["history"]
+    assert "already complete" in again.stderr
+
+
+def test_resume_refuses_a_run_of_another_architecture(synth_set: tuple[Path, SynthSummary], tmp_path: Path) -> None:
+    data, _ = synth_set
+    out = tmp_path / "run"
+    first = subprocess.run(
+        _train_cmd(data, out, "--epochs", "1", "--iters", "2"), env=_env(), cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = _record(out)
+    record["architecture"]["width"] = 999
+    (out / "train.json").write_text(json.dumps(record), encoding="utf-8")
+
+    again = subprocess.run(
+        [*_train_cmd(data, out, "--epochs", "2", "--iters", "2"), "--resume"],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert again.returncode != 0
+    assert "architecture" in again.stderr and "999" in again.stderr
