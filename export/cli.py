@@ -157,6 +157,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_all(args: argparse.Namespace) -> int:
+    from lineside.export.recipe import RecipeOptions, run_recipe
+
+    report = run_recipe(
+        RecipeOptions(
+            data=args.data,
+            out=Path(args.out),
+            minutes=args.minutes,
+            seed=args.seed,
+            gpus=args.gpus,
+            split=args.split,
+            calib=args.calib,
+            target_recall=args.target_recall,
+        )
+    )
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    print(f"bundle written: {report['bundle']} and {report['bundle']}.tar.gz; report: {args.out}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lineside-export", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -191,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         handler.add_arguments(p)
         p.set_defaults(func=lambda a, k=kind: _train(a, k))
+
+    p = sub.add_parser(
+        "train-all", help="the recipe: split, train the three models in a budget, build, evaluate, report"
+    )
+    p.add_argument("--data", required=True, help="dataset folder, manifest or s3:// manifest")
+    p.add_argument("--out", required=True, help="recipe folder (runs, bundle, report); run again to resume")
+    p.add_argument("--minutes", type=_minutes, default=150.0, help="wall-clock budget for the whole recipe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=_gpus, default=[], help="e.g. 0,1 (data parallel); CPU when empty")
+    p.add_argument("--split", help="split JSON {train, val, test}: group names (default: by series/part)")
+    p.add_argument("--calib", help="a separate data set to calibrate on, instead of the validation series")
+    p.add_argument("--target-recall", type=_share, default=0.98, help="image recall of the operating point")
+    p.set_defaults(func=cmd_train_all)
 
     p = sub.add_parser("simulate-preview", help="PNG grid: simulated defects beside real training defects")
     p.add_argument("--data", required=True)
