@@ -6,7 +6,7 @@ VENV := .venv
 AGENT_VENV := .venv-agent
 DEMO_OUT ?= demo-out
 
-.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto systemd-analyze
+.PHONY: help venv agent-venv demo test lint fmt clean mutation mosquitto systemd-analyze darknet-photos
 
 help:
 	@echo "make demo   - build a small bundle from synthetic X-rays and run the agent on it (no external service)"
@@ -60,7 +60,14 @@ systemd-analyze:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends systemd; } || \
 		{ echo "make test needs systemd-analyze: apt-get install -y systemd" >&2; exit 1; }
 
-test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto systemd-analyze
+# tests/export/test_imagenet.py proves the ImageNet weight conversion on natural photos: Debian's darknet
+# package ships a few (dog, eagle) under /usr/share/darknet/data, with the ImageNet class list.
+darknet-photos:
+	@[ -f /usr/share/darknet/data/eagle.jpg ] || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends darknet; } || \
+		{ echo "make test needs darknet's sample photos: apt-get install -y darknet" >&2; exit 1; }
+
+test: $(VENV)/.stamp $(AGENT_VENV)/.stamp lint mosquitto systemd-analyze darknet-photos
 	LINESIDE_AGENT_PYTHON=$(CURDIR)/$(AGENT_VENV)/bin/python LINESIDE_EXPORT_TEST_BUNDLE_TO=$(CURDIR)/$(TEST_BUNDLE) \
 		LINESIDE_EXPORT_TEST_RUNS_TO=$(CURDIR)/$(TEST_RUNS) $(VENV)/bin/python -m pytest -q
 	LINESIDE_TEST_BUNDLE=$(CURDIR)/$(TEST_BUNDLE) \

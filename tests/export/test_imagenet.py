@@ -69,3 +69,58 @@ def test_a_file_that_is_not_torch_is_refused(tmp_path):
     # when / then
     with pytest.raises(ExportError, match="not a"):
         read_torch_legacy(path)
+
+
+DARKNET_DATA = Path("/usr/share/darknet/data")  # Debian's darknet package: sample photos + ImageNet classes
+
+
+@pytest.fixture(scope="module")
+def imagenet_classifier(weights: Path):
+    """GluonCV mobilenetv2_1.0 with the converted features; torchvision's classifier (Linear with bias,
+    which GluonCV's bias-free 1x1 output conv cannot hold) applied in numpy, and the 1000 class names."""
+    if not (DARKNET_DATA / "eagle.jpg").is_file():
+        pytest.skip("Debian's darknet package (sample photos) is not installed: apt-get install darknet")
+    from gluoncv.model_zoo import get_model
+
+    net = get_model("mobilenetv2_1.0", pretrained=False)
+    net.initialize()
+    net(mx.nd.zeros((1, 3, 224, 224)))
+    assert load_backbone(net, weights) == 260
+    state = read_torch_legacy(weights)
+    # darknet lists the 1000 ImageNet-1k synsets first; torchvision's class index is their sorted order
+    wnids = (DARKNET_DATA / "imagenet.labels.list").read_text(encoding="utf-8").split()[:1000]
+    short = (DARKNET_DATA / "imagenet.shortnames.list").read_text(encoding="utf-8").splitlines()[:1000]
+    names = dict(zip(wnids, short, strict=True))
+    classes = [names[w] for w in sorted(wnids)]
+
+    def top5(photo: Path) -> list[tuple[int, str]]:
+        import cv2
+
+        rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+        h, w = rgb.shape[:2]
+        scale = 256 / min(h, w)  # torchvision's eval transform: resize 256, centre crop 224
+        rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        h, w = rgb.shape[:2]
+        y, x = (h - 224) // 2, (w - 224) // 2
+        crop = (rgb[y : y + 224, x : x + 224] / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        batch = mx.nd.array(crop.transpose(2, 0, 1)[None].astype(np.float32))
+        features = net.features(batch).asnumpy().reshape(-1)
+        logits = state["classifier.1.weight"] @ features + state["classifier.1.bias"]
+        return [(int(i), classes[i]) for i in np.argsort(-logits)[:5]]
+
+    return top5
+
+
+def test_converted_weights_recognise_an_eagle(imagenet_classifier) -> None:
+    # when the converted network classifies darknet's eagle photo
+    top = imagenet_classifier(DARKNET_DATA / "eagle.jpg")
+
+    # then its first guess is ImageNet class 22, bald eagle (random or misplaced weights would not be)
+    assert top[0] == (22, "bald eagle"), top
+
+
+def test_converted_weights_recognise_a_dog(imagenet_classifier) -> None:
+    # darknet's dog.jpg: a husky-like dog beside a bicycle; ImageNet's dog breeds are classes 151-268
+    top = imagenet_classifier(DARKNET_DATA / "dog.jpg")
+
+    assert 151 <= top[0][0] <= 268, top
