@@ -13,9 +13,10 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mxnet as mx
 import numpy as np
@@ -57,6 +58,7 @@ class BuildOptions:
     force: bool = False
     dataset_summary: DatasetSummary | None = None
     target_recall: float = DEFAULT_TARGET_RECALL  # the image decision's operating point (export.calibrate)
+    post_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> post-processing fields
 
 
 def dataset_summary(dataset: Dataset, train: Dataset, val: Dataset, test: Dataset) -> DatasetSummary:
@@ -92,7 +94,9 @@ def _real_batches(samples: list[Sample], prep: Preprocessing) -> list[np.ndarray
     return out
 
 
-def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> tuple[ModelSpec, mx.gluon.HybridBlock]:
+def _export_model(
+    kind: str, run: Path, tmp: Path, calib: list[Sample], post_overrides: dict[str, Any] | None = None
+) -> tuple[ModelSpec, mx.gluon.HybridBlock]:
     """Export one run to ONNX, prove parity on real calibration tiles, and describe it for the manifest.
 
     Its thresholds are placeholders until `calibrate` has run on the exported model."""
@@ -107,6 +111,11 @@ def _export_model(kind: str, run: Path, tmp: Path, calib: list[Sample]) -> tuple
     batches = _real_batches(calib, prep)
     parity = check_parity(view, onnx_path, INPUT_NAME, batches, {n: handler.tolerances[n] for n in names})
     post = handler.post(net, record, tmp)
+    if post_overrides:
+        try:
+            post = type(post).model_validate({**post.model_dump(), **post_overrides})
+        except ValueError as err:
+            raise ExportError(f"--post for {kind}: {err}") from err
     extra = handler.detection_parity(net, view, batches, onnx_path, post)
     if extra:
         parity = parity.model_copy(update=extra)
@@ -218,6 +227,9 @@ def build_bundle(opts: BuildOptions) -> Path:
         raise ExportError(f"unknown model kind(s) {unknown}; expected some of {sorted(EXPORT_KINDS)}")
     if not runs:
         raise ExportError("build needs at least one run: " + ", ".join(f"--{k}" for k in EXPORT_KINDS))
+    stray = sorted(set(opts.post_overrides) - set(runs))
+    if stray:
+        raise ExportError(f"--post names model kind(s) {stray} that this build has no run for")
     out = Path(opts.out)
     if out.exists() and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -227,7 +239,9 @@ def build_bundle(opts: BuildOptions) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        exported = {kind: _export_model(kind, run, tmp, calib) for kind, run in runs.items()}
+        exported = {
+            kind: _export_model(kind, run, tmp, calib, opts.post_overrides.get(kind)) for kind, run in runs.items()
+        }
         models = {kind: spec for kind, (spec, _) in exported.items()}
         views = {kind: view for kind, (_, view) in exported.items()}
         kinds = list(models)

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from lineside.agent.errors import EXIT_FAILURE, LinesideError
 from lineside.export.data import datasets_for
@@ -37,6 +38,18 @@ def _minutes(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--minutes expects a positive number, got {text!r}")
     return value
+
+
+def _post_override(text: str) -> tuple[str, str, Any]:
+    target, sep, raw = text.partition("=")
+    kind, dot, name = target.partition(".")
+    if not sep or not dot or not kind or not name:
+        raise argparse.ArgumentTypeError(f"--post expects KIND.FIELD=VALUE, e.g. vae.part_mask=false; got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word: let the field's validation decide
+    return kind, name, value
 
 
 def _share(text: str) -> float:
@@ -110,6 +123,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     calib = val if val.samples else dataset
 
     summary = dataset_summary(dataset, train, val, test)
+    overrides: dict[str, dict[str, Any]] = {}
+    for kind, name, value in args.post:
+        overrides.setdefault(kind, {})[name] = value
     out = build_bundle(
         BuildOptions(
             out=Path(args.out),
@@ -119,6 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             force=args.force,
             dataset_summary=summary,
             target_recall=args.target_recall,
+            post_overrides=overrides,
         )
     )
     print(f"bundle written: {out} and {out}.tar.gz")
@@ -246,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_share,
         default=0.98,
         help="image recall the decision must reach on validation, at the fewest false alarms (default 0.98)",
+    )
+    p.add_argument(
+        "--post",
+        type=_post_override,
+        action="append",
+        default=[],
+        metavar="KIND.FIELD=VALUE",
+        help="override a post-processing field (a lever to measure), e.g. vae.part_mask=false; repeatable",
     )
     p.set_defaults(func=cmd_build)
 

@@ -1,12 +1,14 @@
 """VAE anomaly localiser: the study's recipe on reconstruction residuals.
 
-squared residual per tile -> stitched (max over overlaps, tile borders ignored) -> L2-normalised over
-the image -> multiplied with the original for contrast -> Gaussian smoothing -> a high quantile is the
-image score; pixels above a level form connected components, which become boxes.
+squared residual per tile -> stitched (max over overlaps, tile borders ignored) -> kept inside the part
+(bundles built since the part-mask lever) -> L2-normalised over the image -> multiplied with the
+original for contrast -> Gaussian smoothing -> a high quantile is the image score; pixels above a level
+form connected components, which become boxes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +18,7 @@ from pydantic import Field
 
 from lineside.agent.inference.preprocess import Layout, scaled_unit
 from lineside.agent.models.base import KindOutput, KindPost, KindThresholds, ModelKind
+from lineside.agent.models.part_mask import NoPartError, part_mask
 
 
 class VAEPost(KindPost):
@@ -27,6 +30,12 @@ class VAEPost(KindPost):
     image_score_quantile: float = Field(
         default=0.9995, gt=0, le=1, description="Quantile of the anomaly map used as the image score."
     )
+    part_mask: bool = Field(
+        default=False,
+        description="Read the map only inside the casting (agent.models.part_mask), away from its outline and "
+        "the field-of-view border, where reconstruction residuals are largest on good parts too.",
+    )
+    mask_erode: int = Field(default=4, ge=0, le=32, description="Pixels the part mask keeps off the part's edges.")
 
 
 VAE_RANGE = 4.0  # how far (a factor) set-thresholds may move the VAE's calibrated thresholds
@@ -82,6 +91,10 @@ def vae_anomaly_map(
         top, left, bottom, right = b, b, ch - b, cw - b
         region = residual[y + top : y + bottom, x + left : x + right]
         np.maximum(region, sq[top:bottom, left:right], out=region)
+    if post.part_mask:
+        # No casting found (an empty or saturated frame): read the whole map rather than nothing.
+        with contextlib.suppress(NoPartError):
+            residual *= part_mask(scaled, erode=post.mask_erode)
     # L2 normalisation, scaled by sqrt(pixels) so the map's level does not depend on image size.
     norm = float(np.sqrt(np.sum(residual.astype(np.float64) ** 2) / residual.size))
     anomaly = residual / max(norm, 1e-12) * scaled

@@ -16,7 +16,7 @@ from mxnet import autograd
 from lineside.agent.bundle.schema import Preprocessing
 from lineside.agent.inference.preprocess import normalise_tiles
 from lineside.agent.inference.types import ModelOutputs
-from lineside.agent.models import VAE, VAEOutput, VAEThresholds
+from lineside.agent.models import VAE, KindPost, VAEOutput, VAEPost, VAEThresholds
 from lineside.export import metrics
 from lineside.export.data.base import Dataset, Sample
 from lineside.export.data.splits import Split
@@ -110,6 +110,11 @@ class VAEKind(ExportKind):
 
         run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history)
         return opts.out
+
+    def post(self, net: mx.gluon.HybridBlock, record: RunRecord, bundle_dir: Path) -> KindPost:
+        """The map is read inside the part (measured in docs/evaluation.md; `build --post vae.part_mask=false`
+        turns it off)."""
+        return VAEPost(part_mask=True)
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:
         arch = record.architecture
