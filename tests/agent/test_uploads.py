@@ -665,3 +665,24 @@ def test_stop_is_quick_while_idle(s3: S3Endpoint, tmp_path: Path, runs: Callable
     run.agent.stop()
     assert time.monotonic() - started < 3
     assert not any(t.name == "lineside-uploads" for t in threading.enumerate())
+
+
+def test_the_commented_example_sections_are_a_valid_config() -> None:
+    # given the s3: and uploads: block of deploy/agent.example.yaml, uncommented
+    import yaml
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "agent.example.yaml"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# s3:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:] if line.startswith("# ") else line[1:])
+    data = yaml.safe_load(example.read_text(encoding="utf-8"))
+    data.update(yaml.safe_load("\n".join(block)))
+
+    # then it validates, with every uploads key spelled as the model has it
+    config = parse_config(data)
+    assert config.uploads is not None and config.s3 is not None
+    assert set(yaml.safe_load("\n".join(block))["uploads"]) == set(type(config.uploads).model_fields)
