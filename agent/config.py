@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
 from lineside.agent.s3.config import S3Config
+from lineside.agent.s3.uploads import UploadsConfig
 from lineside.agent.services.health import HealthConfig
 from lineside.agent.services.notify import NotifyConfig
 from lineside.agent.services.status_log import StatusLogConfig
@@ -119,6 +120,20 @@ class AgentConfig(StrictConfig):
         default=None,
         description="The S3 bucket (or S3-compatible store) for flagged uploads and model updates; none = no S3.",
     )
+    # After `s3`: its validator reads the validated `s3` section.
+    uploads: UploadsConfig | None = Field(
+        default=None,
+        description="Flagged frames (defective, uncertain, a sample of normal) uploaded to the `s3:` bucket with "
+        "their result and a Ground Truth manifest line; none = no uploads.",
+    )
+
+    @field_validator("uploads")
+    @classmethod
+    def _uploads_need_s3(cls, value: UploadsConfig | None, info: ValidationInfo) -> UploadsConfig | None:
+        # "s3" missing from info.data means it failed validation itself: that problem is reported already.
+        if value is not None and value.enabled and "s3" in info.data and info.data["s3"] is None:
+            raise ValueError("uploads are enabled but there is no `s3:` section (bucket, prefix...) to upload to")
+        return value
 
     def problems(self, key: str = "") -> list[str]:
         """Every path problem of the file, by key path (see StrictConfig.problems)."""
@@ -128,6 +143,7 @@ class AgentConfig(StrictConfig):
             *self.source.problems("source"),
             *(p for i, sink in enumerate(self.sinks) for p in sink.problems(f"sinks[{i}]")),
             *(self.mqtt.problems("mqtt") if self.mqtt is not None else []),
+            *(self.uploads.problems("uploads") if self.uploads is not None and self.uploads.enabled else []),
         ]
 
     def queue_policy(self) -> QueuePolicy:

@@ -34,6 +34,11 @@ EVENT_KINDS = (
     "mqtt_refused",  # the MQTT broker refused the connection (credentials, ACL)
     "outbox_evicted",  # the MQTT outbox was full: oldest messages evicted undelivered (count)
     "outbox_rejected",  # the broker refused messages in its acknowledgement (count, reason)
+    "upload_failed",  # uploads to S3 fail (bucket, code, message, permanent); once per outage and code
+    "upload_resumed",  # uploads work again after an outage (failed_attempts, outage_s, backlog)
+    "upload_evicted",  # the upload queue was full: oldest flagged frames evicted unsent (count, total)
+    "upload_spool_failed",  # flagged frames could not be queued on local disk (count, total, error)
+    "upload_quarantined",  # an unreadable queue item was moved to <queue_dir>/bad/
 )
 
 

@@ -100,6 +100,12 @@ class ManifestLine(_Format):
     bounding_box: BoundingBoxes | None = Field(default=None, alias="bounding-box")
     bounding_box_metadata: BoundingBoxMetadata | None = Field(default=None, alias="bounding-box-metadata")
     part_id: str | None = Field(default=None, alias="lineside-part-id", description="Part / series id.")
+    result_id: str | None = Field(
+        default=None, alias="lineside-result-id", description="The agent's result id (flagged uploads)."
+    )
+    flag_reason: Literal["defective", "uncertain", "sampled"] | None = Field(
+        default=None, alias="lineside-flag", description="Why the agent uploaded the image (flagged uploads)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ManifestLine:
@@ -138,12 +144,21 @@ def build_line(
     human_annotated: bool = True,
     confidence: float = 1.0,
     creation_date: str | None = None,
+    job_name: str = DEFAULT_CLASSIFICATION_JOB,
+    box_job_name: str = DEFAULT_DETECTION_JOB,
+    box_confidences: list[float] | None = None,
+    result_id: str | None = None,
+    flag_reason: Literal["defective", "uncertain", "sampled"] | None = None,
 ) -> ManifestLine:
-    """A manifest line for one image; `boxes` are (x1, y1, x2, y2) pixels, `image_size` (width, height)."""
+    """A manifest line for one image; `boxes` are (x1, y1, x2, y2) pixels, `image_size` (width, height).
+
+    `box_confidences` (one per box) go into the box metadata's `objects`, as Ground Truth writes them,
+    so a labeller adjusting machine boxes sees how sure the model was of each."""
     created = creation_date or now_iso()
     annotated: Literal["yes", "no"] = "yes" if human_annotated else "no"
     metadata = ClassificationMetadata(
         confidence=confidence,
+        job_name=job_name,
         class_name="anomaly" if anomaly else "normal",
         human_annotated=annotated,
         creation_date=created,
@@ -156,7 +171,14 @@ def build_line(
             image_size=[ImageSize(width=image_size[0], height=image_size[1])],
             annotations=[BoxAnnotation(left=x1, top=y1, width=x2 - x1, height=y2 - y1) for x1, y1, x2, y2 in boxes],
         )
-        bounding_box_metadata = BoundingBoxMetadata(human_annotated=annotated, creation_date=created)
+        if box_confidences is not None and len(box_confidences) != len(boxes):
+            raise ValueError(f"{len(box_confidences)} box confidences for {len(boxes)} boxes")
+        bounding_box_metadata = BoundingBoxMetadata(
+            human_annotated=annotated,
+            creation_date=created,
+            job_name=box_job_name,
+            objects=None if box_confidences is None else [{"confidence": c} for c in box_confidences],
+        )
     return ManifestLine(
         source_ref=source_ref,
         anomaly_label=1 if anomaly else 0,
@@ -164,6 +186,8 @@ def build_line(
         bounding_box=bounding_box,
         bounding_box_metadata=bounding_box_metadata,
         part_id=part_id,
+        result_id=result_id,
+        flag_reason=flag_reason,
     )
 
 

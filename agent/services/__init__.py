@@ -4,13 +4,15 @@ config section in `AgentConfig`."""
 from __future__ import annotations
 
 from lineside.agent.mqtt.service import MqttService
+from lineside.agent.s3.uploads import UploadsConfig, UploadsService
 from lineside.agent.services.base import Service, ServicePlugin
 from lineside.agent.services.health import HealthConfig, HealthService
 from lineside.agent.services.notify import NotifyConfig, NotifyService
 from lineside.agent.services.status_log import StatusLogConfig, StatusLogService
 
-# Started in this order, closed in reverse. Health after MQTT: its metrics sink must come after MQTT's.
-PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService, HealthService, NotifyService)
+# Started in this order, closed in reverse. Health after MQTT and uploads: its metrics sink must come after
+# theirs. Uploads after MQTT: its events reach MQTT's outbox until the uploader has stopped.
+PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService, UploadsService, HealthService, NotifyService)
 
 __all__ = [
     "PLUGINS",
@@ -23,4 +25,6 @@ __all__ = [
     "ServicePlugin",
     "StatusLogConfig",
     "StatusLogService",
+    "UploadsConfig",
+    "UploadsService",
 ]

@@ -32,12 +32,16 @@ def open_dataset(location: str | Path) -> Dataset:
     """Open a data set, detecting its layout.
 
     - a `.manifest` / `.jsonl` file, local or s3:// -> Lookout for Vision manifest (export.data.lfv)
+    - any other s3:// prefix -> every manifest under it, as one data set (e.g. the agent's uploads)
     - a folder with `defective/`, `non-defective/`, `normal/` or `anomaly/` -> study layout
+    - a folder holding `.manifest` / `.jsonl` files (at any depth) -> every manifest in it, as one data set
     - a folder with `Castings/`, series folders of images, or a single series folder -> GDXray
     """
     text = str(location)
     if text.startswith("s3://"):
-        return lfv.read_manifest(text)
+        if text.lower().endswith(lfv.MANIFEST_SUFFIXES):
+            return lfv.read_manifest(text)
+        return lfv.read_manifests(text)
     path = Path(location)
     if not path.exists():
         raise DatasetError(
@@ -50,11 +54,14 @@ def open_dataset(location: str | Path) -> Dataset:
         raise DatasetError(f"{path}: expected a .manifest or .jsonl manifest file, found {path.suffix!r}")
     if study.looks_like(path):
         return study.read_study(path)
+    # Before GDXray: a folder of uploads holds images too, but its manifests carry the labels.
+    if any(p.suffix.lower() in lfv.MANIFEST_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        return lfv.read_manifests(path)
     if gdxray.looks_like(path):
         return gdxray.read_gdxray(path)
     raise DatasetError(
         f"{path}: unknown data set layout; expected Castings/ or series folders with images (GDXray), "
-        "defective/ and non-defective/ folders (study), or a .manifest/.jsonl file"
+        "defective/ and non-defective/ folders (study), or .manifest/.jsonl files"
     )
 
 

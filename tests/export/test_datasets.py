@@ -342,6 +342,87 @@ def test_manifest_and_images_on_s3_are_read_through_boto3(
         open_dataset("s3://castings/missing.manifest")
 
 
+def _per_image_manifests(samples: list, ref_for: object, *, human: bool = False, job: str = "m") -> dict[str, bytes]:
+    """One manifest per image, as the agent's flagged uploads write them: {name: manifest bytes}."""
+    out = {}
+    for sample in samples:
+        boxes = [(b.x1, b.y1, b.x2, b.y2) for b in sample.boxes] if sample.label else None
+        line = build_line(
+            ref_for(sample),  # type: ignore[operator]
+            anomaly=bool(sample.label),
+            boxes=boxes,
+            image_size=(256, 192) if boxes else None,
+            human_annotated=human,
+            creation_date="2026-01-01T00:00:00.000",
+        )
+        out[f"{sample.name}.{job}.manifest"] = (to_line(line) + "\n").encode()
+    return out
+
+
+def test_an_s3_prefix_of_many_manifests_is_one_data_set(s3_endpoint: str, synth_set: tuple[Path, SynthSummary]) -> None:
+    # given images with one machine-labelled manifest each under dated folders, like the agent's uploads,
+    # and a labelling job's output (human labels) for two of them beside them
+    root, _ = synth_set
+    original = open_dataset(root)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="field-uploads")
+    keys = {s.name: f"up/cell-1/2026/01/{i % 3 + 1:02d}/{s.name}.png" for i, s in enumerate(original.samples)}
+    for sample in original.samples:
+        s3.put_object(Bucket="field-uploads", Key=keys[sample.name], Body=Path(sample.uri).read_bytes())
+    machine = _per_image_manifests(original.samples, lambda s: f"s3://field-uploads/{keys[s.name]}")
+    for sample in original.samples:
+        folder = keys[sample.name].rsplit("/", 1)[0]
+        s3.put_object(
+            Bucket="field-uploads", Key=f"{folder}/{sample.name}.m.manifest", Body=machine[f"{sample.name}.m.manifest"]
+        )
+    reviewed = original.samples[:2]
+    job = _per_image_manifests(reviewed, lambda s: f"s3://field-uploads/{keys[s.name]}", human=True, job="gt")
+    s3.put_object(Bucket="field-uploads", Key="up/review/job-1.manifest", Body=b"".join(job.values()))
+    s3.put_object(Bucket="field-uploads", Key="elsewhere/x.manifest", Body=b"not json")  # outside the prefix
+
+    # when the prefix (not a manifest) is given, as `--data s3://field-uploads/up`
+    dataset = open_dataset("s3://field-uploads/up/")
+
+    # then every image once; machine labels unverified, the reviewed ones verified
+    assert len(dataset.samples) == len(original.samples) and dataset.root == "s3://field-uploads/up"
+    verified = {s.name for s in dataset.samples if s.annotated}
+    assert verified == {f"{s.name}.png" for s in reviewed}
+    by_name = {s.name.removesuffix(".png"): s for s in dataset.samples}
+    assert all(by_name[s.name].label == s.label and by_name[s.name].boxes == s.boxes for s in original.samples)
+    assert np.array_equal(dataset.samples[0].load().shape, (192, 256))
+    with pytest.raises(DatasetError, match=r"s3://field-uploads/nothing: no \.manifest or \.jsonl manifest"):
+        open_dataset("s3://field-uploads/nothing")
+
+
+def test_a_local_copy_of_the_uploads_reads_images_beside_the_manifests(
+    synth_set: tuple[Path, SynthSummary], tmp_path: Path
+) -> None:
+    # given a local copy of an uploads prefix (aws s3 sync): images and manifests side by side, refs s3://
+    root, _ = synth_set
+    original = open_dataset(root)
+    copy = tmp_path / "uploads" / "cell-1" / "2026" / "01" / "02"
+    copy.mkdir(parents=True)
+    for sample in original.samples[:6]:
+        (copy / f"{sample.name}.png").write_bytes(Path(sample.uri).read_bytes())
+    manifests = _per_image_manifests(original.samples[:6], lambda s: f"s3://unreachable-bucket/x/{s.name}.png")
+    for name, data in manifests.items():
+        (copy / name).write_bytes(data)
+
+    # when
+    dataset = open_dataset(tmp_path / "uploads")
+
+    # then one data set of local images (no S3 needed), machine labels unverified
+    assert len(dataset.samples) == 6 and all(Path(s.uri).parent == copy for s in dataset.samples)
+    assert not any(s.annotated for s in dataset.samples)
+    assert dataset.samples[0].load().shape == (192, 256)
+
+    # and the same image labelled twice by machines is an error naming both places
+    first = next(iter(manifests))
+    (copy / "again.manifest").write_bytes(manifests[first])
+    with pytest.raises(DatasetError, match=r"again\.manifest:1: image .* already listed at .*\.m\.manifest:1"):
+        open_dataset(tmp_path / "uploads")
+
+
 # --- splits ---------------------------------------------------------------------------------------
 
 
