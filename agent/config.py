@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
 from lineside.agent.s3.config import S3Config
+from lineside.agent.s3.updates import UpdatesConfig
 from lineside.agent.services.health import HealthConfig
 from lineside.agent.services.notify import NotifyConfig
 from lineside.agent.services.status_log import StatusLogConfig
@@ -119,6 +120,19 @@ class AgentConfig(StrictConfig):
         default=None,
         description="The S3 bucket (or S3-compatible store) for flagged uploads and model updates; none = no S3.",
     )
+    updates: UpdatesConfig | None = Field(
+        default=None,
+        description="Remote model updates: signed bundles from a channel of the s3: bucket, proven on this "
+        "device (golden images) before they serve; none = bundle.path only.",
+    )
+
+    @field_validator("updates")
+    @classmethod
+    def _updates_need_s3(cls, value: UpdatesConfig | None, info: ValidationInfo) -> UpdatesConfig | None:
+        # "s3" is absent from info.data when the s3: section itself is invalid: that error is reported already.
+        if value is not None and value.enabled and "s3" in info.data and info.data["s3"] is None:
+            raise ValueError("updates are enabled but there is no s3: section (bucket, prefix...) to fetch them from")
+        return value
 
     def problems(self, key: str = "") -> list[str]:
         """Every path problem of the file, by key path (see StrictConfig.problems)."""
@@ -128,6 +142,7 @@ class AgentConfig(StrictConfig):
             *self.source.problems("source"),
             *(p for i, sink in enumerate(self.sinks) for p in sink.problems(f"sinks[{i}]")),
             *(self.mqtt.problems("mqtt") if self.mqtt is not None else []),
+            *(self.updates.problems("updates") if self.updates is not None and self.updates.enabled else []),
         ]
 
     def queue_policy(self) -> QueuePolicy:

@@ -34,6 +34,12 @@ EVENT_KINDS = (
     "mqtt_refused",  # the MQTT broker refused the connection (credentials, ACL)
     "outbox_evicted",  # the MQTT outbox was full: oldest messages evicted undelivered (count)
     "outbox_rejected",  # the broker refused messages in its acknowledgement (count, reason)
+    "update_available",  # the updates channel names another bundle (channel, bundle_id, version)
+    "update_rejected",  # a bundle failed a step (step, reason); the running one keeps serving
+    "update_failed",  # the channel could not be read or the download was cut (step, reason, retry_in_s)
+    "update_ready",  # a bundle is proven and kept; activate-bundle serves it (updates.auto_activate false)
+    "bundle_activated",  # a bundle from the channel or activate-bundle serves now (how, previous_version)
+    "bundle_fallback",  # at start the activated bundle failed verification: bundle.path serves (reason)
 )
 
 

@@ -4,13 +4,21 @@ config section in `AgentConfig`."""
 from __future__ import annotations
 
 from lineside.agent.mqtt.service import MqttService
+from lineside.agent.s3.updates import UpdatesConfig, UpdatesService
 from lineside.agent.services.base import Service, ServicePlugin
 from lineside.agent.services.health import HealthConfig, HealthService
 from lineside.agent.services.notify import NotifyConfig, NotifyService
 from lineside.agent.services.status_log import StatusLogConfig, StatusLogService
 
 # Started in this order, closed in reverse. Health after MQTT: its metrics sink must come after MQTT's.
-PLUGINS: tuple[type[ServicePlugin], ...] = (StatusLogService, MqttService, HealthService, NotifyService)
+# Updates after MQTT: a swap's events reach the plant, and activate-bundle finds the updater running.
+PLUGINS: tuple[type[ServicePlugin], ...] = (
+    StatusLogService,
+    MqttService,
+    UpdatesService,
+    HealthService,
+    NotifyService,
+)
 
 __all__ = [
     "PLUGINS",
@@ -23,4 +31,6 @@ __all__ = [
     "ServicePlugin",
     "StatusLogConfig",
     "StatusLogService",
+    "UpdatesConfig",
+    "UpdatesService",
 ]
