@@ -75,13 +75,24 @@ StartupReport = Callable[..., None]  # (kind, message, **data): an event publish
 def load_engine(config: AgentConfig, report: StartupReport | None = None) -> Engine:
     """The engine to start with: the bundle remote updates last activated (`active.json` under
     `updates.bundles_dir`), else `bundle.path`. An activated bundle that no longer verifies is reported
-    (`bundle_fallback`) and `bundle.path` serves instead."""
+    (`bundle_fallback`) and `bundle.path` serves instead; so does a bundle.path changed by hand since."""
     updates = getattr(config, "updates", None)
     if updates is not None and updates.enabled:
-        from lineside.agent.s3.bundle_store import BundleStore
+        from lineside.agent.s3.bundle_store import BundleStore, bundle_id_at
 
         store = BundleStore(updates.bundles_dir, updates.keep)
         record = store.active()
+        configured = bundle_id_at(config.bundle.path)
+        if record is not None and record.configured_bundle_id not in (None, configured):
+            # Someone deployed another bundle at bundle.path by hand since: that deliberate act wins.
+            logger.info(
+                "bundle.path %s holds bundle %s, not %s as when %s was activated: serving bundle.path",
+                config.bundle.path,
+                configured,
+                record.configured_bundle_id,
+                record.version,
+            )
+            record = None
         if record is not None:
             try:
                 return engine_for(store.path_of(record.bundle_id), config.inference)

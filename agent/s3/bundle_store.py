@@ -46,6 +46,9 @@ class ActiveRecord(BaseModel):
     activated_at: datetime
     how: str = Field(description="update (from the channel), command (activate-bundle) or adopted.")
     history: list[str] = Field(default_factory=list, description="Previously active bundle ids, most recent first.")
+    configured_bundle_id: str | None = Field(
+        default=None, description="The id of bundle.path when this was recorded: a bundle.path changed by hand wins."
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,26 @@ def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def bundle_id_at(location: Path) -> str | None:
+    """The bundle id of a bundle folder or .tar.gz from its manifest alone (nothing verified, nothing
+    extracted to disk); None when it cannot be read."""
+    import tarfile
+
+    location = Path(location)
+    try:
+        if location.is_dir():
+            return BundleManifest.read(location).bundle_id
+        with tarfile.open(location, "r:gz") as tar:
+            for member in tar:
+                if member.isfile() and member.name.count("/") <= 1 and member.name.endswith(MANIFEST_NAME):
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        return BundleManifest.model_validate_json(handle.read()).bundle_id
+    except (OSError, tarfile.TarError, EOFError, ValueError, BundleError):
+        return None
+    return None
 
 
 class BundleStore:
@@ -175,8 +198,10 @@ class BundleStore:
             logger.error("updates: %s cannot be read (%s); serving bundle.path", path, err)
             return None
 
-    def record_active(self, manifest: BundleManifest, how: str) -> ActiveRecord:
-        """Record `manifest`'s bundle as the one to serve after a restart; the previous goes into history."""
+    def record_active(self, manifest: BundleManifest, how: str, configured_bundle_id: str | None) -> ActiveRecord:
+        """Record `manifest`'s bundle as the one to serve after a restart; the previous goes into history.
+
+        `configured_bundle_id`: the id of the bundle at bundle.path now (see `bundle_id_at`)."""
         previous = self.active()
         history: list[str] = []
         if previous is not None:
@@ -188,6 +213,7 @@ class BundleStore:
             activated_at=datetime.now(UTC),
             how=how,
             history=history[:50],
+            configured_bundle_id=configured_bundle_id,
         )
         write_json_atomic(self.root / ACTIVE_FILE, record.model_dump(mode="json"))
         return record

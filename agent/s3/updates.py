@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError
 from lineside.agent.bundle.loader import extract_archive, load_bundle
 from lineside.agent.errors import BundleError, ConfigError, InferenceError, SignatureError, UpdateError
 from lineside.agent.plugins import StrictConfig, path_problems
-from lineside.agent.s3.bundle_store import BundleStore
+from lineside.agent.s3.bundle_store import BundleStore, bundle_id_at
 from lineside.agent.s3.config import S3Config, client_for
 from lineside.agent.s3.signing import CHANNEL_PATTERN, ChannelPointer, load_public_key, pointer_key, verify_pointer
 
@@ -200,7 +200,11 @@ class UpdatesService:
         self.store.adopt(Path(root), manifest.bundle_id)
         record = self.store.active()
         if record is None or record.bundle_id != manifest.bundle_id:
-            self.store.record_active(manifest, "adopted" if record is None else "fallback")
+            how = "adopted" if record is None or manifest.bundle_id == self._configured_id() else "fallback"
+            self.store.record_active(manifest, how, self._configured_id())
+
+    def _configured_id(self) -> str | None:
+        return bundle_id_at(self.agent.config.bundle.path)
 
     # -- polling ---------------------------------------------------------------------------------
 
@@ -465,7 +469,7 @@ class UpdatesService:
             engine.close()
             raise UpdateError("swap", f"{type(err).__name__}: {err}", transient=True) from err
         manifest = engine.manifest
-        self.store.record_active(manifest, how)  # type: ignore[arg-type]
+        self.store.record_active(manifest, how, self._configured_id())  # type: ignore[arg-type]
         if self._ready == manifest.bundle_id:
             self._ready = None
         self.store.prune(also_keep=tuple(r for r in (self._ready,) if r))

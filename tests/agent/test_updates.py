@@ -191,11 +191,12 @@ def start_agent(
         rate_hz: float = 5.0,
         s3: dict[str, Any] | None = None,
         mqtt: dict[str, Any] | None = None,
+        bundle_path: Path | None = None,
         **updates: Any,
     ) -> RunningAgent:
         config = {
             "station": station,
-            "bundle": {"path": str(bundles["v1"])},
+            "bundle": {"path": str(bundle_path or bundles["v1"])},
             "inference": {"providers": ["cpu"]},
             "source": {"kind": "replay", "path": str(frames), "loop": True, "rate_hz": rate_hz},
             "status_log": {"interval_s": 0},
@@ -587,6 +588,27 @@ def test_an_activated_bundle_damaged_on_disk_falls_back_to_bundle_path_at_start(
     [event] = second.of_kind("bundle_fallback")
     assert event.data["bundle_id"] == "bundle-v2" and "ssd.onnx" in event.data["reason"]
     second.wait_results(2)
+
+
+def test_a_bundle_path_changed_by_hand_wins_over_the_activated_bundle(
+    bucket: Bucket, start_agent: Callable[..., RunningAgent], bundles: dict[str, Path]
+) -> None:
+    # given v2 activated from the channel while bundle.path held v1
+    first = start_agent(bucket)
+    bucket.publish(bundles["v2"])
+    assert first.poll() == "activated"
+    first.agent.stop()
+
+    # when it restarts unchanged, v2 serves; when someone deploys v3 at bundle.path by hand, v3 serves
+    again = start_agent(bucket)
+    assert again.version == version_of(bundles["v2"])
+    again.agent.stop()
+    by_hand = start_agent(bucket, bundle_path=bundles["v3"])
+    assert by_hand.version == version_of(bundles["v3"])
+    active = json.loads((by_hand.updates.store.root / "active.json").read_text())
+    assert (active["bundle_id"], active["how"], active["configured_bundle_id"]) == ("bundle-v3", "adopted", "bundle-v3")
+    # and the channel's unchanged pointer (v2) does not take it back
+    assert by_hand.poll() == "unchanged"
 
 
 def test_keep_bounds_the_bundles_on_disk_and_an_unknown_rollback_names_what_is_kept(
