@@ -18,6 +18,7 @@ from lineside.agent.errors import EXIT_CONFIG, ConfigError
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
 from lineside.agent.s3.config import S3Config
+from lineside.agent.s3.updates import UpdatesConfig
 from lineside.agent.s3.uploads import UploadsConfig
 from lineside.agent.services.health import HealthConfig
 from lineside.agent.services.notify import NotifyConfig
@@ -120,19 +121,29 @@ class AgentConfig(StrictConfig):
         default=None,
         description="The S3 bucket (or S3-compatible store) for flagged uploads and model updates; none = no S3.",
     )
-    # After `s3`: its validator reads the validated `s3` section.
+    # After `s3`: their validator reads the validated `s3` section.
     uploads: UploadsConfig | None = Field(
         default=None,
         description="Flagged frames (defective, uncertain, a sample of normal) uploaded to the `s3:` bucket with "
         "their result and a Ground Truth manifest line; none = no uploads.",
     )
+    updates: UpdatesConfig | None = Field(
+        default=None,
+        description="Remote model updates: signed bundles from a channel of the s3: bucket, proven on this "
+        "device (golden images) before they serve; none = bundle.path only.",
+    )
 
-    @field_validator("uploads")
+    @field_validator("uploads", "updates")
     @classmethod
-    def _uploads_need_s3(cls, value: UploadsConfig | None, info: ValidationInfo) -> UploadsConfig | None:
+    def _need_s3(
+        cls, value: UploadsConfig | UpdatesConfig | None, info: ValidationInfo
+    ) -> UploadsConfig | UpdatesConfig | None:
         # "s3" missing from info.data means it failed validation itself: that problem is reported already.
         if value is not None and value.enabled and "s3" in info.data and info.data["s3"] is None:
-            raise ValueError("uploads are enabled but there is no `s3:` section (bucket, prefix...) to upload to")
+            what = "upload to" if info.field_name == "uploads" else "fetch bundles from"
+            raise ValueError(
+                f"{info.field_name} are enabled but there is no `s3:` section (bucket, prefix...) to {what}"
+            )
         return value
 
     def problems(self, key: str = "") -> list[str]:
@@ -144,6 +155,7 @@ class AgentConfig(StrictConfig):
             *(p for i, sink in enumerate(self.sinks) for p in sink.problems(f"sinks[{i}]")),
             *(self.mqtt.problems("mqtt") if self.mqtt is not None else []),
             *(self.uploads.problems("uploads") if self.uploads is not None and self.uploads.enabled else []),
+            *(self.updates.problems("updates") if self.updates is not None and self.updates.enabled else []),
         ]
 
     def queue_policy(self) -> QueuePolicy:

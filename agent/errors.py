@@ -62,3 +62,23 @@ class ExportError(LinesideError):
 
 class ParityError(ExportError):
     """ONNX Runtime outputs differ from the MXNet outputs beyond the stated tolerance."""
+
+
+class SignatureError(LinesideError):
+    """A signing key cannot be read, or a channel pointer's signature is missing or does not verify."""
+
+
+class UpdateError(LinesideError):
+    """A remote model update stopped at `step` (poll, pointer, signature, space, download, verify, prove, swap).
+
+    `transient`: the store could not be reached or read (endpoint down, no bucket, access denied, a
+    connection cut mid-download, too little free disk): retried at the next poll. Otherwise the bundle
+    itself was refused, and the pointer naming it is not tried again until it changes.
+    """
+
+    def __init__(self, step: str, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.step = step
+        self.transient = transient
+        self.bundle_id: str | None = None  # the bundle the pointer named, once it was read
+        self.version: str | None = None

@@ -39,6 +39,12 @@ EVENT_KINDS = (
     "upload_evicted",  # the upload queue was full: oldest flagged frames evicted unsent (count, total)
     "upload_spool_failed",  # flagged frames could not be queued on local disk (count, total, error)
     "upload_quarantined",  # an unreadable queue item was moved to <queue_dir>/bad/
+    "update_available",  # the updates channel names another bundle (channel, bundle_id, version)
+    "update_rejected",  # a bundle failed a step (step, reason); the running one keeps serving
+    "update_failed",  # the channel could not be read or the download was cut (step, reason, retry_in_s)
+    "update_ready",  # a bundle is proven and kept; activate-bundle serves it (updates.auto_activate false)
+    "bundle_activated",  # a bundle from the channel or activate-bundle serves now (how, previous_version)
+    "bundle_fallback",  # at start the activated bundle failed verification: bundle.path serves (reason)
 )
 
 

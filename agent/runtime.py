@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from lineside.agent.config import AgentConfig
+from lineside.agent.config import AgentConfig, InferenceConfig
 from lineside.agent.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -51,21 +52,61 @@ class Engine(Inspector, Protocol):
     def close(self) -> None: ...
 
 
-def load_engine(config: AgentConfig) -> Engine:
-    """The engine for the configured bundle and inference settings (verified, warmed up, golden-checked)."""
+def engine_for(path: Path, inference: InferenceConfig, *, verify_golden: bool | None = None) -> Engine:
+    """An engine for the bundle at `path` with the inference settings (verified, warmed up, golden-checked
+    unless `verify_golden` (default: the setting's) says otherwise)."""
     # Imported here: onnxruntime is heavy, and check-config must work without it.
     from lineside.agent.inference.engine import InferenceEngine
 
-    inference = config.inference
     return InferenceEngine.load(
-        config.bundle.path,
+        path,
         providers=list(inference.providers),
         device_id=inference.device_id,
         require_gpu=inference.require_gpu,
         trt_cache_dir=inference.trt_cache_dir,
         trt_fp16=inference.trt_fp16,
-        verify_golden=inference.verify_golden,
+        verify_golden=inference.verify_golden if verify_golden is None else verify_golden,
     )
+
+
+StartupReport = Callable[..., None]  # (kind, message, **data): an event published once services listen
+
+
+def load_engine(config: AgentConfig, report: StartupReport | None = None) -> Engine:
+    """The engine to start with: the bundle remote updates last activated (`active.json` under
+    `updates.bundles_dir`), else `bundle.path`. An activated bundle that no longer verifies is reported
+    (`bundle_fallback`) and `bundle.path` serves instead; so does a bundle.path changed by hand since."""
+    updates = getattr(config, "updates", None)
+    if updates is not None and updates.enabled:
+        from lineside.agent.s3.bundle_store import BundleStore, bundle_id_at
+
+        store = BundleStore(updates.bundles_dir, updates.keep)
+        record = store.active()
+        configured = bundle_id_at(config.bundle.path)
+        if record is not None and record.configured_bundle_id not in (None, configured):
+            # Someone deployed another bundle at bundle.path by hand since: that deliberate act wins.
+            logger.info(
+                "bundle.path %s holds bundle %s, not %s as when %s was activated: serving bundle.path",
+                config.bundle.path,
+                configured,
+                record.configured_bundle_id,
+                record.version,
+            )
+            record = None
+        if record is not None:
+            try:
+                return engine_for(store.path_of(record.bundle_id), config.inference)
+            except (BundleError, InferenceError) as err:
+                message = (
+                    f"activated bundle {record.version} ({record.bundle_id}) cannot be served ({err}); "
+                    f"serving bundle.path {config.bundle.path}"
+                )
+                logger.error("%s", message)
+                if report is not None:
+                    report(
+                        "bundle_fallback", message, bundle_id=record.bundle_id, version=record.version, reason=str(err)
+                    )
+    return engine_for(config.bundle.path, config.inference)
 
 
 class AgentState(enum.StrEnum):
@@ -129,6 +170,9 @@ class Agent:
         self.sinks: list[Sink] = []
         self.pipeline: Pipeline | None = None
         self.services: list[Service] = []  # the started ones, in start order
+        # Set by the updates service while it runs: activate_bundle() goes through it.
+        self.bundle_activator: Callable[..., dict[str, Any]] | None = None
+        self._startup_events: list[tuple[str, str, dict[str, Any]]] = []  # published once services listen
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -136,7 +180,12 @@ class Agent:
         """Start everything in order; on any failure close what started (reverse) and re-raise."""
         self._set_state(AgentState.STARTING)
         try:
-            self.engine = (self._engine_loader or load_engine)(self.config)
+            if self._engine_loader is not None:
+                self.engine = self._engine_loader(self.config)
+            else:
+                self.engine = load_engine(
+                    self.config, lambda kind, message, **data: self._startup_events.append((kind, message, data))
+                )
             if self.stop_event.is_set():
                 return  # stopped while the bundle loaded: nothing more to start
             self.source = create_source(self.config.source, station=self.config.station)
@@ -176,6 +225,9 @@ class Agent:
             raise
         self._started_at = datetime.now(UTC)
         self._set_state(AgentState.RUNNING)
+        for kind, message, data in self._startup_events:  # now MQTT & co. hear them
+            self.events.publish(kind, message, **data)
+        self._startup_events.clear()
         version = self.engine.manifest.version
         self.events.publish("started", f"station {self.config.station} serving bundle {version}", version=version)
         logger.info(
@@ -310,6 +362,16 @@ class Agent:
             version=new_version,
             bundle_id=new_engine.manifest.bundle_id,
         )
+
+    def activate_bundle(self, *, bundle_id: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Serve a bundle the updates service keeps (rollback or forward), proven first; returns what changed.
+
+        RuntimeError when remote updates are off; ValueError when no kept bundle matches or it is refused.
+        """
+        activator = self.bundle_activator
+        if activator is None:
+            raise RuntimeError("remote updates are off (no enabled updates: section): no kept bundles to activate")
+        return activator(bundle_id=bundle_id, version=version)
 
     def pause(self) -> bool:
         """Pause inspection (a hot folder's files wait, a camera's frames are dropped as `paused`).

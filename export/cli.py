@@ -1,10 +1,12 @@
-"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview."""
+"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview,
+keygen, publish."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,32 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     )
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"bundle written: {report['bundle']} and {report['bundle']}.tar.gz; report: {args.out}/report.md")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from lineside.export.publish import keygen
+
+    private, public = keygen(Path(args.out))
+    print(f"private key: {private} (mode 0600: keep it on the release machine only)")
+    print(f"public key:  {public} (copy to each station, updates.public_key)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from lineside.export.publish import publish
+
+    # Read here, at run time, never at import: the same variable boto3 itself honours.
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    pointer = publish(
+        Path(args.bundle),
+        args.to,
+        args.channel,
+        sign=Path(args.sign) if args.sign else None,
+        endpoint_url=endpoint,
+    )
+    print(pointer.model_dump_json(indent=2))
+    if pointer.signature is None:
+        print("warning: published unsigned; agents with updates.public_key set will refuse it", file=sys.stderr)
     return 0
 
 
@@ -209,7 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-contrast", type=float, default=1.0, help="1.0 = GDXray-like; the demo uses 3")
     p.set_defaults(func=cmd_synth)
 
-    from lineside.export.models import EXPORT_KINDS  # imports MXNet
+    p = sub.add_parser("keygen", help="write an Ed25519 key pair that signs published bundles")
+    p.add_argument("--out", required=True, help="folder for bundle-signing.key (0600) and bundle-signing.pub")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("publish", help="upload a bundle to S3 and point a channel at it (archive first, pointer last)")
+    p.add_argument("--bundle", required=True, help="bundle folder or .tar.gz (verified before upload)")
+    p.add_argument("--to", required=True, help="s3://bucket/prefix (the agents' s3.bucket and s3.prefix)")
+    p.add_argument("--channel", required=True, help="canary, stable, or lower-case letters, digits and '-'")
+    p.add_argument("--sign", help="private key from keygen; without it the pointer is unsigned")
+    p.add_argument("--endpoint-url", help="S3-compatible store (MinIO...); default $AWS_ENDPOINT_URL or AWS")
+    p.set_defaults(func=cmd_publish)
+
+    try:
+        from lineside.export.models import EXPORT_KINDS  # imports MXNet
+    except ImportError as err:  # the agent-only install: keygen, publish and synth still work
+        parser.epilog = f"train-*, build and evaluate need the export extra (MXNet): {err}"
+        return parser
 
     for kind, handler in EXPORT_KINDS.items():
         p = sub.add_parser(f"train-{kind}", help=f"train the {kind} in MXNet Gluon")

@@ -72,18 +72,29 @@ def verify_files(root: Path, manifest: BundleManifest) -> None:
         raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
 
 
-def _extract(archive: Path) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
-    holder = tempfile.TemporaryDirectory(prefix="lineside-bundle-")
-    target = Path(holder.name)
+def extract_archive(archive: Path, target: Path) -> Path:
+    """Extract a bundle .tar.gz into the folder `target` (made if missing); returns the bundle's root folder.
+
+    BundleError for an archive that cannot be read (truncated, not gzip, unsafe member names).
+    """
+    target.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(target, filter="data")  # 'data' refuses absolute paths, links out, devices
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:  # EOFError: an archive cut short
-        holder.cleanup()
         raise BundleError(f"{archive}: not a readable bundle archive ({err})") from err
     entries = list(target.iterdir())
     # Archives hold one top-level folder; accept a flat archive too.
-    return (entries[0] if len(entries) == 1 and entries[0].is_dir() else target), holder
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+
+
+def _extract(archive: Path) -> tuple[Path, tempfile.TemporaryDirectory[str]]:
+    holder = tempfile.TemporaryDirectory(prefix="lineside-bundle-")
+    try:
+        return extract_archive(archive, Path(holder.name)), holder
+    except BaseException:
+        holder.cleanup()
+        raise
 
 
 def load_bundle(location: Path, *, verify: bool = True) -> LoadedBundle:

@@ -14,8 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from lineside.agent.plugins import StrictConfig, path_problems
 
 PASSWORD_CREDENTIAL = "mqtt_password"
-COMMAND_NAMES = ("pause", "resume", "status", "trigger", "set-thresholds")
-CommandName = Literal["pause", "resume", "status", "trigger", "set-thresholds"]
+COMMAND_NAMES = ("pause", "resume", "status", "trigger", "set-thresholds", "activate-bundle")
+CommandName = Literal["pause", "resume", "status", "trigger", "set-thresholds", "activate-bundle"]
 
 
 class TlsConfig(StrictConfig):

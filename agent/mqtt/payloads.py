@@ -177,6 +177,25 @@ class SetThresholdsCommand(_Command):
         return self
 
 
+class ActivateBundleCommand(_Command):
+    """`cmd/activate-bundle`: serve a bundle the updates service keeps (roll back or forward), by id or version.
+
+    The bundle is verified and its golden images replayed before it takes over between two frames; the reply's
+    `result` names the bundle now served and the previous one. Needs an enabled `updates:` section.
+    """
+
+    bundle_id: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$", description="Id of a kept bundle."
+    )
+    version: str | None = Field(default=None, min_length=1, max_length=128, description="Version of a kept bundle.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ActivateBundleCommand:
+        if (self.bundle_id is None) == (self.version is None):
+            raise ValueError("give exactly one of bundle_id or version")
+        return self
+
+
 class CommandReply(_Payload):
     """`<prefix>/cmd/<name>/reply` (and the MQTT 5 response topic, with the correlation data, when given)."""
 
@@ -193,6 +212,7 @@ COMMAND_MODELS: dict[str, type[_Command]] = {
     "status": EmptyCommand,
     "trigger": TriggerCommand,
     "set-thresholds": SetThresholdsCommand,
+    "activate-bundle": ActivateBundleCommand,
 }
 
 
@@ -207,6 +227,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "cmd/pause, cmd/resume, cmd/status": EmptyCommand.model_json_schema(),
         "cmd/trigger": TriggerCommand.model_json_schema(),
         "cmd/set-thresholds": SetThresholdsCommand.model_json_schema(),
+        "cmd/activate-bundle": ActivateBundleCommand.model_json_schema(),
         "cmd/<name>/reply": CommandReply.model_json_schema(),
     }
 

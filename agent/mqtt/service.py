@@ -34,6 +34,7 @@ from lineside.agent.mqtt.outbox import Outbox
 from lineside.agent.mqtt.parts import PartTracker
 from lineside.agent.mqtt.payloads import (
     COMMAND_MODELS,
+    ActivateBundleCommand,
     CommandReply,
     EventPayload,
     MetricsPayload,
@@ -403,6 +404,12 @@ class MqttService:
             return {"part_id": trigger.part_id, "view": trigger.view}
         if name == "set-thresholds":
             return self._set_thresholds(data)
+        if name == "activate-bundle":
+            command: ActivateBundleCommand = data
+            try:
+                return agent.activate_bundle(bundle_id=command.bundle_id, version=command.version)
+            except (RuntimeError, ValueError) as err:
+                raise CommandRefused(str(err)) from err
         raise CommandRefused(f"command {name!r} has no handler")  # a model without a handler: a bug
 
     # -- trigger with a file -----------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_run_serves_a_finite_source_into_the_configured_sinks_and_exits_0(
     engine = make_inspector()
     asked: dict[str, object] = {}
 
-    def fake_load(config: AgentConfig) -> object:
+    def fake_load(config: AgentConfig, report: object = None) -> object:
         asked.update(providers=list(config.inference.providers), bundle=config.bundle.path)
         return engine
 
