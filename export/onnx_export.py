@@ -114,7 +114,15 @@ def check_parity(
         ours = [ours] if isinstance(ours, mx.nd.NDArray) else list(ours)
         theirs = session.run(None, {input_name: batch})
         for name, a, b in zip(names, ours, theirs, strict=True):
-            worst[name] = max(worst[name], float(np.max(np.abs(a.asnumpy() - b))))
+            a = a.asnumpy()
+            # NaN compares false with everything, so a NaN difference would pass any tolerance: refuse it.
+            for runtime, values in (("MXNet", a), ("ONNX Runtime", b)):
+                if not np.isfinite(values).all():
+                    raise ParityError(
+                        f"{onnx_path.name}: {runtime} gives non-finite values (NaN or inf) for {name!r} on "
+                        f"calibration tiles: the model is broken (training diverged, or it is barely trained)"
+                    )
+            worst[name] = max(worst[name], float(np.max(np.abs(a - b))))
         images += batch.shape[0]
     passed = all(worst[n] <= tolerance[n] for n in names)
     report = ParityReport(images=images, max_abs_diff=worst, tolerance=tolerance, passed=passed)

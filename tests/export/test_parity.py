@@ -114,6 +114,17 @@ def test_parity_refuses_a_model_whose_weights_diverge_naming_output_and_differen
     assert found > 0.001
 
 
+def test_parity_refuses_non_finite_outputs_even_when_both_runtimes_agree(exported_classifier: tuple) -> None:
+    # given tiles that make both runtimes output NaN (a diverged model does the same): every difference is NaN,
+    # and NaN passes any `<=` tolerance test unless looked for
+    view, onnx_path, batches, _ = exported_classifier
+    poisoned = [np.full_like(batches[0], np.nan)]
+
+    # when / then
+    with pytest.raises(ParityError, match=r"non-finite values .*'probabilities'"):
+        check_parity(view, onnx_path, INPUT_NAME, poisoned, EXPORT_KINDS["classifier"].tolerances)
+
+
 def test_parity_figures_match_an_independent_comparison(exported_classifier: tuple) -> None:
     # given the faithful export
     view, onnx_path, batches, _ = exported_classifier

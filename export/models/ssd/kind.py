@@ -94,8 +94,8 @@ def detection_parity(
     It runs on MXNet's raw heads: the heads themselves are compared with ONNX Runtime within
     tolerance by check_parity, and feeding identical floats here keeps float noise from reordering
     near-tied scores in NMS. Then the device's view: the same decode on the ONNX Runtime heads must
-    give each box within DETECTION_PX pixels. Returns (compared, unmatched, worst px difference of
-    the matched boxes). Exact ties may still order NMS differently, so up to 1% may differ.
+    give each box within DETECTION_PX pixels. Returns (comparisons of both kinds, unmatched, worst px
+    difference of the matched boxes). Exact ties may still order NMS differently, so up to 1% may differ.
     """
     import onnxruntime as ort
 
@@ -113,6 +113,7 @@ def detection_parity(
             # What the device computes: the same decode on the ONNX Runtime heads.
             dev_b, dev_s = decode_ssd_tile(ort_probs[i], ort_deltas[i], anchors, post, (th, tw))
             for b, sc in zip(ours_b[:PARITY_TOP_K], ours_s[:PARITY_TOP_K], strict=True):
+                compared += 1
                 near = np.abs(dev_s - sc) < 1e-2
                 gap = float(np.min(np.abs(dev_b[near] - b).max(axis=1))) if np.any(near) else np.inf
                 # Anchors whose scores lie within the heads' tolerance of each other have no defined
@@ -144,8 +145,8 @@ def detection_parity(
         raise ParityError(f"{onnx_path.name}: GluonCV produced no detection on the calibration tiles to compare")
     if unmatched > 0.01 * max(compared, 1):
         raise ParityError(
-            f"{onnx_path.name}: {unmatched} of {compared} GluonCV detections have no counterpart in "
-            f"lineside's decode + NMS (e.g. {example})"
+            f"{onnx_path.name}: {unmatched} of {compared} detections (GluonCV's against our decode + NMS, ours "
+            f"against the same decode on ONNX Runtime heads) have no counterpart (e.g. {example})"
         )
     return compared, unmatched, worst_px
 
