@@ -521,6 +521,44 @@ def test_a_missing_bucket_is_reported_retried_and_recovered(
     assert len(run.of("upload_resumed")) == 1
 
 
+def test_access_denied_is_reported_retried_and_recovered(
+    s3: S3Endpoint,
+    frames: dict[str, Any],
+    tmp_path: Path,
+    runs: Callable[[AgentConfig], Run],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a bucket whose policy forbids writing (a 403 from the server, as a wrong IAM policy gives)
+    bucket = new_bucket(s3)
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/*"}
+        ],
+    }
+    s3.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(deny))
+    caplog.set_level(logging.INFO, logger="lineside.agent.s3.uploads")
+    run = runs(config_for(frames["folder"], tmp_path / "queue", bucket, s3.url))
+    run.wait_finished()
+    wait_until(lambda: run.uploads.counters()["upload_errors"] >= 2)
+
+    # then inference went on, nothing was written, and one event and one error line name bucket and code
+    assert run.results() == len(frames["expect"])
+    assert not [k for k in all_versions(s3, bucket) if k.endswith(".manifest")]
+    [failed] = run.of("upload_failed")
+    # (the code is the server's: AccessDenied on a PUT, a bare 403 on a HEAD, which has no body)
+    assert (
+        failed.data["bucket"] == bucket and failed.data["code"] in ("AccessDenied", "403") and failed.data["permanent"]
+    )
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and bucket in r.getMessage()]
+    assert len(errors) == 1 and failed.data["code"] in errors[0].getMessage()
+
+    # when the policy is fixed, the backlog goes up
+    s3.client().delete_bucket_policy(Bucket=bucket)
+    wait_until(lambda: run.uploads.queue_depths()["uploads"] == 0)
+    assert len([k for k in all_versions(s3, bucket) if k.endswith(".manifest")]) == len(flagged_names(frames["expect"]))
+
+
 def test_a_failing_spool_is_counted_and_reported_never_raised(
     s3: S3Endpoint, tmp_path: Path, runs: Callable[[AgentConfig], Run], caplog: pytest.LogCaptureFixture
 ) -> None:
