@@ -193,6 +193,7 @@ def cmd_train_all(args: argparse.Namespace) -> int:
     )
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"bundle written: {report['bundle']} and {report['bundle']}.tar.gz; report: {args.out}/report.md")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

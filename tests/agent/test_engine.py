@@ -290,9 +290,10 @@ def test_a_missing_anchors_file_is_refused_naming_it(test_bundle: Path, tmp_path
         InferenceEngine.load(copy, providers=["cpu"])
 
 
-def test_threshold_overrides_apply_to_predict_until_cleared(engine: InferenceEngine, test_bundle: Path) -> None:
-    # given the golden image and its verdict with the bundle's thresholds
-    image = _golden_image(test_bundle)
+def test_threshold_overrides_apply_to_predict_until_cleared(classifier_rule_bundle: Path) -> None:
+    # given a bundle whose rule includes the classifier, the golden image and its verdict with the bundle's thresholds
+    engine = InferenceEngine.load(classifier_rule_bundle, providers=["cpu"], verify_golden=False)
+    image = _golden_image(classifier_rule_bundle)
     bundle = engine.thresholds()
     plain = engine.predict(image)
     try:

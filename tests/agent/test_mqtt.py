@@ -435,14 +435,20 @@ def test_a_missing_tls_file_is_a_config_error_naming_the_key(
 
 
 @pytest.fixture
-def run_real_agent(test_bundle: Path) -> Iterator[Callable[[AgentConfig], Agent]]:
-    """Starts agents serving the real test bundle on CPU (thresholds are the bundle's); stops them at the end."""
+def run_real_agent(classifier_rule_bundle: Path) -> Iterator[Callable[[AgentConfig], Agent]]:
+    """Starts agents serving the real test bundle (its rule including the classifier) on CPU, thresholds
+    the bundle's; stops them at the end."""
     from lineside.agent.inference.engine import InferenceEngine
 
     agents: list[Agent] = []
 
     def start(config: AgentConfig) -> Agent:
-        agent = Agent(config, engine_loader=lambda c: InferenceEngine.load(test_bundle, providers=["cpu"]))
+        agent = Agent(
+            config,
+            engine_loader=lambda c: InferenceEngine.load(
+                classifier_rule_bundle, providers=["cpu"], verify_golden=False
+            ),
+        )
         agents.append(agent)
         agent.start()
         return agent
