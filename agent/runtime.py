@@ -65,6 +65,8 @@ def load_engine(config: AgentConfig) -> Engine:
         trt_cache_dir=inference.trt_cache_dir,
         trt_fp16=inference.trt_fp16,
         verify_golden=inference.verify_golden,
+        session=inference.session_settings(),
+        skip_unneeded_models=inference.skip_unneeded_models,
     )
 
 
