@@ -244,6 +244,32 @@ class GpuMemoryCollector:
                 found[index] = (int(info.used), int(info.total))
         return found
 
+    def driver_version(self) -> str | None:
+        """The NVIDIA driver's version, e.g. '580.95.05'; None without NVML."""
+        if self._nvml is None:
+            return None
+        buf = ctypes.create_string_buffer(96)
+        return buf.value.decode() if self._nvml.nvmlSystemGetDriverVersion(buf, 96) == 0 else None
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Per GPU: index, name, used and total memory in MiB; empty without NVML."""
+        nvml = self._nvml
+        found: list[dict[str, Any]] = []
+        for index, (used, total) in sorted(self.memory().items()):
+            handle = ctypes.c_void_p()
+            name = ctypes.create_string_buffer(96)
+            ok = nvml is not None and nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0
+            ok = ok and nvml is not None and nvml.nvmlDeviceGetName(handle, name, 96) == 0
+            found.append(
+                {
+                    "index": index,
+                    "name": name.value.decode() if ok else "unknown",
+                    "used_mb": used / 2**20,
+                    "total_mb": total / 2**20,
+                }
+            )
+        return found
+
     def collect(self) -> Iterator[Metric]:
         memory = self.memory()
         if not memory:
