@@ -28,17 +28,14 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from lineside.agent.config import QueueConfig
 from lineside.agent.imaging import decode_image, read_image
 from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
 from lineside.agent.inference.providers import resolve_providers
 from lineside.agent.inference.settings import SessionSettings, usable_cores
-from lineside.agent.pipeline import Pipeline
+from lineside.agent.nvml import Nvml
 from lineside.agent.results import Frame, InspectionResult
 from lineside.agent.sinks.base import Sink
-from lineside.agent.sources import ReplaySourceConfig
-from lineside.agent.sources.replay import ReplaySource
 
 STAGES = ("decode", "preprocess", "classifier", "classifier_post", "vae", "vae_post", "ssd", "ssd_post", "decide")
 SUFFIXES = (".png", ".tif", ".tiff")
@@ -88,9 +85,7 @@ def peak_rss_mb() -> float:
 
 def gpu_info() -> dict[str, Any] | None:
     """Driver version and per-GPU name and memory (MiB) from NVML; None without an NVIDIA driver."""
-    from lineside.agent.services.health import GpuMemoryCollector
-
-    nvml = GpuMemoryCollector()
+    nvml = Nvml()
     if not nvml.available:
         return None
     return {"driver": nvml.driver_version(), "devices": nvml.devices()}
@@ -248,6 +243,12 @@ class BareBaseline:
 
 def pipeline_round(engine: InferenceEngine, replay_dir: Path, frames: int) -> dict:
     """One run of the real pipeline over `frames` replayed frames at full speed into the null sink."""
+    # Imported here: the export environment uses the rest of this module without the daemon's packages.
+    from lineside.agent.config import QueueConfig
+    from lineside.agent.pipeline import Pipeline
+    from lineside.agent.sources import ReplaySourceConfig
+    from lineside.agent.sources.replay import ReplaySource
+
     config = ReplaySourceConfig(kind="replay", path=replay_dir, rate_hz=0.0, loop=True, max_frames=frames)
     recorder = RecordingSink()
     pipeline = Pipeline(ReplaySource(config), engine, [recorder], QueueConfig())
