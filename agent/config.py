@@ -68,8 +68,8 @@ class InferenceConfig(StrictConfig):
         default=0,
         ge=0,
         le=256,
-        description="ONNX Runtime threads per model run; 0 = one less than the usable cores, at most 8 "
-        "(measured best on 2 cores: see docs/benchmarks.md; `lineside-agent bench --threads` measures a box).",
+        description="ONNX Runtime threads per model run; 0 = the usable cores, at most 8 (docs/benchmarks.md; "
+        "`lineside-agent bench --threads 1,2,4` measures a box).",
     )
     allow_spinning: bool = Field(
         default=False,

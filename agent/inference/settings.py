@@ -1,9 +1,11 @@
 """ONNX Runtime session settings for the CPU path: thread count, spinning, graph optimisation.
 
-Defaults come from `lineside-agent bench` (docs/benchmarks.md): on a 2-core box whose other core is
-busy, one intra-op thread ran the three models 1.8x faster than ONNX Runtime's default (one thread per
-core, spinning), and the busy-waiting of spinning threads cost more than it saved. The frame pipeline's
-own threads (capture/decode, post-processing, dispatch) need a core too, so `auto` leaves one free.
+Chosen from measurements (docs/benchmarks.md, a 2-core box shared with a training job and test runs):
+spinning threads (ONNX Runtime's default) made a frame 1.7-1.9x slower, because busy-waiting threads
+take CPU from the pipeline and the neighbours; with spinning off, one and two intra-op threads were equal
+within the noise (1.07x and 0.78x in two runs of 120 frames), so `auto` uses every usable core (idle
+threads sleep, so a core the pipeline needs is given back). The cap at 8 is not measured: 35 small tiles
+per frame give many threads little work; `lineside-agent bench --threads 4,8,16` measures a bigger box.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ _LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
-# Beyond this, 35 small tiles per frame give each thread too little work (an untested assumption
-# above 2 cores: `bench --threads` measures it on the target box).
-MAX_AUTO_THREADS = 8
+MAX_AUTO_THREADS = 8  # not measured above 2 cores: see the module docstring
 
 
 def usable_cores() -> int:
@@ -37,9 +37,9 @@ def usable_cores() -> int:
 
 
 def auto_threads(cores: int | None = None) -> int:
-    """Intra-op threads for `cores` usable cores: one core left to the pipeline, at most MAX_AUTO_THREADS."""
+    """Intra-op threads for `cores` usable cores: all of them, at most MAX_AUTO_THREADS."""
     cores = usable_cores() if cores is None else cores
-    return max(1, min(cores - 1, MAX_AUTO_THREADS))
+    return max(1, min(cores, MAX_AUTO_THREADS))
 
 
 @dataclass(frozen=True)

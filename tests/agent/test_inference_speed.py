@@ -141,12 +141,12 @@ def test_session_settings_reach_every_onnx_runtime_session(test_bundle: Path) ->
     engine.close()
 
 
-def test_default_settings_leave_a_core_to_the_pipeline_and_do_not_spin() -> None:
+def test_default_settings_use_the_usable_cores_and_do_not_spin() -> None:
     # given the config defaults
     settings = InferenceConfig().session_settings()
-    # then: auto threads (one less than the cores, 1..8), no spinning, every graph optimisation
+    # then: auto threads (the usable cores, at most 8), no spinning, every graph optimisation
     assert settings.intra_op_threads == 0
-    assert [auto_threads(n) for n in (1, 2, 4, 16, 64)] == [1, 1, 3, 8, 8]
+    assert [auto_threads(n) for n in (1, 2, 4, 16, 64)] == [1, 2, 4, 8, 8]
     options = settings.session_options()
     assert options.intra_op_num_threads == auto_threads()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
