@@ -172,3 +172,17 @@ def test_bench_writes_its_figures_for_a_few_frames(test_bundle: Path, tmp_path: 
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["onnxruntime"]
     # no NVIDIA driver here: no GPU figures, and no failure either
     assert report["gpu"] is None or report["gpu"]["devices"]
+
+
+@pytest.mark.gpu
+def test_bench_on_a_gpu_reports_its_memory_and_the_gpu_provider(test_bundle: Path, tmp_path: Path) -> None:
+    # given a GPU machine
+    out = tmp_path / "bench.json"
+    # when a short bench runs on CUDA
+    args = ["--frames", "4", "--rounds", "2", "--warmup", "1", "--providers", "cuda,cpu", "--json", str(out)]
+    assert main(["bench", "--bundle", str(test_bundle), *args]) == 0
+    # then the GPU, its driver and the memory in use are reported
+    report = json.loads(out.read_text())
+    assert "CUDAExecutionProvider" in report["providers"]
+    assert report["gpu"]["driver"] and report["gpu"]["devices"][0]["name"]
+    assert report["gpu"]["devices"][0]["used_mb"] > 0
