@@ -1,7 +1,7 @@
 """ONNX Runtime session settings for the CPU path: thread count, spinning, graph optimisation.
 
 Chosen from measurements (docs/benchmarks.md, a 2-core box shared with a training job and test runs):
-spinning threads (ONNX Runtime's default) made a frame 1.7-1.9x slower, because busy-waiting threads
+spinning threads (ONNX Runtime's default) made a frame 1.7-2.3x slower, because busy-waiting threads
 take CPU from the pipeline and the neighbours; with spinning off, one and two intra-op threads were equal
 within the noise (1.07x and 0.78x in two runs of 120 frames), so `auto` uses every usable core (idle
 threads sleep, so a core the pipeline needs is given back). The cap at 8 is not measured: 35 small tiles
