@@ -3,7 +3,7 @@
 Chosen from measurements (docs/benchmarks.md, a 2-core box shared with a training job and test runs):
 spinning threads (ONNX Runtime's default) made a frame 1.7-2.3x slower, because busy-waiting threads
 take CPU from the pipeline and the neighbours; with spinning off, one and two intra-op threads were equal
-within the noise (1.07x and 0.78x in two runs of 120 frames), so `auto` uses every usable core (idle
+within the noise (2 vs 1: 1.07x, 0.78x, 1.06x in three runs), so `auto` uses every usable core (idle
 threads sleep, so a core the pipeline needs is given back). The cap at 8 is not measured: 35 small tiles
 per frame give many threads little work; `lineside-agent bench --threads 4,8,16` measures a bigger box.
 """
