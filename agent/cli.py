@@ -1,4 +1,4 @@
-"""`lineside-agent`: check a config, run the daemon, inspect images, or predict a batch.
+"""`lineside-agent`: check a config, run the daemon, inspect images, predict a batch, or benchmark a bundle.
 
 Exit codes: 0 success; 1 runtime failure (bundle, engine, source, store); 2 usage error (argparse);
 3 some images could not be inspected (inspect/predict; their error results are still written);
@@ -198,6 +198,55 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_IMAGE_ERRORS if errors else EXIT_OK
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2,4; got {text!r}") from err
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2,4 (0 = auto); got {text!r}")
+    return counts
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Latency and throughput of a bundle here, against a bare ONNX Runtime loop (lineside.agent.bench)."""
+    import json
+
+    from lineside.agent.bench import BenchOptions, format_report, run_bench
+    from lineside.agent.inference.settings import SessionSettings
+
+    configure_logging(args.log_level or "WARNING")
+    threads = args.threads or [0]
+    opts = BenchOptions(
+        bundle=args.bundle,
+        images=args.images,
+        frames=args.frames,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        providers=_providers(args.providers) or ["cpu"],
+        settings=SessionSettings(
+            intra_op_threads=threads[0],
+            allow_spinning=args.allow_spinning,
+            graph_optimization=args.graph_optimization,
+        ),
+        skip_unneeded_models=not args.run_all_models,
+        thread_counts=threads if len(threads) > 1 else [],
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    try:
+        report = run_bench(opts)
+    except (BundleError, InferenceError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    report["command"] = " ".join(["lineside-agent", *(args.argv or [])])
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="lineside-agent", description=__doc__.splitlines()[0])
@@ -229,12 +278,39 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--providers", help="Comma-separated providers in order, e.g. cuda,cpu.")
     predict.add_argument("--no-annotate", action="store_true", help="Skip the annotated images.")
     predict.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="Per-stage latency, frames/s and memory of a bundle vs bare ONNX Runtime.")
+    bench.add_argument("--bundle", type=Path, required=True, help="Model bundle folder or .tar.gz.")
+    bench.add_argument(
+        "--images",
+        type=Path,
+        help="Folder of images (*.png, *.tif), recursive; default: golden images tiled to 768x572.",
+    )
+    bench.add_argument("--frames", type=int, default=100, help="Frames per measurement (default 100).")
+    bench.add_argument("--warmup", type=int, default=5, help="Warm-up frames, not measured (default 5).")
+    bench.add_argument("--rounds", type=int, default=6, help="Alternating pipeline/bare rounds (default 6).")
+    bench.add_argument("--providers", help="Comma-separated providers in order (default cpu), e.g. cuda,cpu.")
+    bench.add_argument(
+        "--threads",
+        type=_counts,
+        help="Intra-op threads (0 = auto); several (e.g. 1,2,4) also compare predict() across them, interleaved.",
+    )
+    bench.add_argument("--allow-spinning", action="store_true", help="Let idle ONNX Runtime threads busy-wait.")
+    bench.add_argument(
+        "--graph-optimization", choices=["disable", "basic", "extended", "all"], default="all", help="Default all."
+    )
+    bench.add_argument(
+        "--run-all-models", action="store_true", help="Run every model on every frame (skip_unneeded_models off)."
+    )
+    bench.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lineside-agent`; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return int(args.func(args))
 
 

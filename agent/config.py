@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from lineside.agent.errors import EXIT_CONFIG, ConfigError
+from lineside.agent.inference.settings import GraphOptimization, SessionSettings
 from lineside.agent.mqtt.config import MqttConfig
 from lineside.agent.plugins import QueuePolicy, StrictConfig, path_problems
 from lineside.agent.s3.config import S3Config
@@ -65,6 +66,36 @@ class InferenceConfig(StrictConfig):
     verify_golden: bool = Field(
         default=True, description="Run the bundle's golden images at load and refuse a bundle that disagrees."
     )
+    intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="ONNX Runtime threads per model run; 0 = the usable cores, at most 8 (docs/benchmarks.md; "
+        "`lineside-agent bench --threads 1,2,4` measures a box).",
+    )
+    allow_spinning: bool = Field(
+        default=False,
+        description="Let idle ONNX Runtime threads busy-wait for work: lower latency on an otherwise idle box, "
+        "but it steals CPU from the pipeline and other processes (measured slower on a shared 2-core box).",
+    )
+    graph_optimization: GraphOptimization = Field(
+        default="all",
+        description="ONNX Runtime graph optimisation level (disable, basic, extended, all); 'all' measured fastest.",
+    )
+    skip_unneeded_models: bool = Field(
+        default=True,
+        description="Run a model only when the bundle's decision rule needs it for this frame: localisers that "
+        "only report boxes (not in decision.defective_if_any) run on frames judged defective. Verdict, score "
+        "and boxes are unchanged; results then list model_scores only for the models that ran.",
+    )
+
+    def session_settings(self) -> SessionSettings:
+        """The ONNX Runtime session settings these fields describe."""
+        return SessionSettings(
+            intra_op_threads=self.intra_op_threads,
+            allow_spinning=self.allow_spinning,
+            graph_optimization=self.graph_optimization,
+        )
 
     def problems(self, key: str) -> list[str]:
         return path_problems(self.trt_cache_dir, f"{key}.trt_cache_dir", write=True, create=True)

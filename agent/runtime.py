@@ -66,6 +66,8 @@ def engine_for(path: Path, inference: InferenceConfig, *, verify_golden: bool | 
         trt_cache_dir=inference.trt_cache_dir,
         trt_fp16=inference.trt_fp16,
         verify_golden=inference.verify_golden if verify_golden is None else verify_golden,
+        session=inference.session_settings(),
+        skip_unneeded_models=inference.skip_unneeded_models,
     )
 
 

@@ -1,5 +1,5 @@
-"""`lineside-export`: synth, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview,
-keygen, publish."""
+"""`lineside-export`: synth, train-all, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview,
+keygen, publish, bench-mxnet."""
 
 from __future__ import annotations
 
@@ -176,6 +176,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_mxnet(args: argparse.Namespace) -> int:
+    from lineside.agent.inference.settings import SessionSettings
+    from lineside.export.bench_mxnet import bench_mxnet, format_report
+
+    report = bench_mxnet(
+        Path(args.bundle),
+        Path(args.runs),
+        Path(args.images) if args.images else None,
+        frames=args.frames,
+        settings=SessionSettings(intra_op_threads=args.threads),
+    )
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_train_all(args: argparse.Namespace) -> int:
     from lineside.export.recipe import RecipeOptions, run_recipe
 
@@ -327,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--providers", default="cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "bench-mxnet", help="latency: the bundle in ONNX Runtime vs the same weights hybridized in MXNet, same tiles"
+    )
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--runs", required=True, help="folder holding the bundle's run folders: classifier/, vae/, ssd/")
+    p.add_argument("--images", help="folder of images; default: the bundle's golden images tiled to 768x572")
+    p.add_argument("--frames", type=int, default=20, help="frames measured on each side (default 20)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads; 0 = the agent's auto")
+    p.add_argument("--json", help="write the figures here")
+    p.set_defaults(func=cmd_bench_mxnet)
     return parser
 
 

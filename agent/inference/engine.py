@@ -21,8 +21,9 @@ from lineside.agent.errors import BundleError, InferenceError
 from lineside.agent.imaging import read_image
 from lineside.agent.inference.preprocess import BatchBuilder, Layout, layout_for, windowed
 from lineside.agent.inference.providers import GPU_PROVIDERS, ProviderEntry, resolve_providers
+from lineside.agent.inference.settings import SessionSettings
 from lineside.agent.inference.types import Detection, ModelOutputs, Prediction
-from lineside.agent.models import MODEL_KINDS, KindThresholds, ModelKind, calibrated_score
+from lineside.agent.models import MODEL_KINDS, KindOutput, KindThresholds, ModelKind, calibrated_score
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,11 @@ class InferenceEngine:
         require_gpu: bool = False,
         trt_cache_dir: Path | None = None,
         trt_fp16: bool = True,
-        intra_op_threads: int = 0,
+        session: SessionSettings | None = None,
+        skip_unneeded_models: bool = True,
     ) -> None:
         self.bundle = bundle
+        self.session_settings = session or SessionSettings()
         self.manifest: BundleManifest = bundle.manifest
         resolved = resolve_providers(providers, device_id=device_id, trt_fp16=trt_fp16, trt_cache_dir=trt_cache_dir)
         if require_gpu and not resolved.has_gpu:
@@ -103,9 +106,7 @@ class InferenceEngine:
                 f"require_gpu is set but no GPU provider can run here ({'; '.join(resolved.skipped.values())}); "
                 "check the NVIDIA driver, CUDA 13 and cuDNN 9 libraries"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
+        options = self.session_settings.session_options()
         self._runners = {
             kind: _Runner(spec, bundle.path(spec.file), resolved.entries, options)
             for kind, spec in self.manifest.models.items()
@@ -125,6 +126,12 @@ class InferenceEngine:
         # Operator overrides (set-thresholds): replaced as a whole under the lock, read once per frame.
         self._overrides: dict[str, KindThresholds] = {}
         self._overrides_lock = threading.Lock()
+        # Models whose output the decision needs on every frame run first; the others (localisers
+        # that only report boxes) run only on frames judged defective, and models in neither list
+        # never run in `predict`. `analyze` (calibration, evaluation, golden check) runs every model.
+        rule = self.manifest.decision
+        self._eager = tuple(k for k in self._runners if not skip_unneeded_models or k in rule.defective_if_any)
+        self._deferred = tuple(k for k in self._runners if k not in self._eager and k in rule.report_boxes_from)
         self.warm_up()
 
     @classmethod
@@ -138,7 +145,8 @@ class InferenceEngine:
         trt_cache_dir: Path | None = None,
         trt_fp16: bool = True,
         verify_golden: bool = True,
-        intra_op_threads: int = 0,
+        session: SessionSettings | None = None,
+        skip_unneeded_models: bool = True,
     ) -> InferenceEngine:
         """Verify a bundle (sha256 of every file), create sessions, warm up, check golden images."""
         loaded = load_bundle(Path(bundle))
@@ -150,7 +158,8 @@ class InferenceEngine:
                 require_gpu=require_gpu,
                 trt_cache_dir=trt_cache_dir,
                 trt_fp16=trt_fp16,
-                intra_op_threads=intra_op_threads,
+                session=session,
+                skip_unneeded_models=skip_unneeded_models,
             )
             if verify_golden:
                 engine.check_golden()
@@ -190,44 +199,31 @@ class InferenceEngine:
 
     def analyze(self, image: np.ndarray, bits_stored: int | None = None) -> ModelOutputs:
         """Run every model; threshold-free outputs per kind (what calibration and evaluation sweep over)."""
-        if image.ndim != 2:
-            raise InferenceError(f"expected a 2-D grey image, got shape {image.shape}")
-        timings: dict[str, float] = {}
+        return self._run(_FrameInputs(self, image, bits_stored), tuple(self._runners))
+
+    def _run(self, frame: _FrameInputs, kinds: tuple[str, ...]) -> ModelOutputs:
+        """Run `kinds` on one frame; timings add up over calls on the same frame."""
         t0 = time.perf_counter()
-        h, w = image.shape
-        # Models that share preprocessing share the windowed image and the batch.
-        units: dict[tuple[float, float], np.ndarray] = {}
-        batches: dict[Preprocessing, tuple[np.ndarray, Layout, np.ndarray]] = {}
-
-        def batch_for(prep: Preprocessing) -> tuple[np.ndarray, Layout, np.ndarray]:
-            cached = batches.get(prep)
-            if cached is None:
-                unit = units.get(prep.window)
-                if unit is None:
-                    unit = units[prep.window] = windowed(image, prep, bits_stored)
-                layout = layout_for((h, w), prep)
-                cached = batches[prep] = (self._builder(prep).build(unit, layout), layout, unit)
-            return cached
-
-        outputs = {}
-        pre_ms = 0.0
-        for kind, runner in self._runners.items():
+        timings = frame.timings
+        h, w = frame.image.shape
+        for kind in kinds:
+            runner = self._runners[kind]
             tp = time.perf_counter()
-            batch, layout, unit = batch_for(runner.spec.preprocessing)
+            batch, layout, unit = frame.batch_for(runner.spec.preprocessing)
             tr = time.perf_counter()
-            pre_ms += (tr - tp) * 1000
+            timings["preprocess"] = timings.get("preprocess", 0.0) + (tr - tp) * 1000
             try:
                 tensors = runner.run(batch)
             except Exception as err:
                 raise InferenceError(f"{kind} model failed on a {w}x{h} image: {err}") from err
             tq = time.perf_counter()
-            outputs[kind] = self._kinds[kind].outputs(tensors, unit, layout)
+            frame.models[kind] = self._kinds[kind].outputs(tensors, unit, layout)
             te = time.perf_counter()
             timings[kind] = (tq - tr) * 1000
             timings[f"{kind}_post"] = (te - tq) * 1000
-        timings["preprocess"] = pre_ms
-        timings["models_total"] = (time.perf_counter() - t0) * 1000
-        return ModelOutputs(height=h, width=w, models=outputs, timings_ms=timings)
+        timings.setdefault("preprocess", 0.0)
+        timings["models_total"] = timings.get("models_total", 0.0) + (time.perf_counter() - t0) * 1000
+        return ModelOutputs(height=h, width=w, models=dict(frame.models), timings_ms=dict(timings))
 
     def thresholds(self) -> dict[str, KindThresholds]:
         """The bundle's calibrated thresholds, per model kind."""
@@ -264,8 +260,13 @@ class InferenceEngine:
         with self._overrides_lock:
             self._overrides = dict(overrides)
 
-    def decide(self, out: ModelOutputs, thresholds: dict[str, KindThresholds] | None = None) -> Prediction:
-        """Apply thresholds (default: the bundle's) and the decision rule to raw outputs."""
+    def decide(
+        self, out: ModelOutputs, thresholds: dict[str, KindThresholds] | None = None, *, boxes: bool = True
+    ) -> Prediction:
+        """Apply thresholds (default: the bundle's) and the decision rule to raw outputs.
+
+        `boxes=False` leaves the localisers' boxes out (their outputs may be missing): verdict and score only.
+        """
         t0 = time.perf_counter()
         th = {**self.thresholds(), **(thresholds or {})}
         rule = self.manifest.decision
@@ -274,12 +275,12 @@ class InferenceEngine:
         members = [k for k in rule.defective_if_any if k in calibrated]
         fired = tuple(k for k in members if calibrated[k] >= 0.5)
         score = max((calibrated[k] for k in members), default=0.0)
-        boxes: list[Detection] = []
-        if fired:
+        found_boxes: list[Detection] = []
+        if fired and boxes:
             # Boxes only for defective images: a verdict of "good" never comes with boxes.
             for kind in rule.report_boxes_from:
                 found, box_scores = self._kinds[kind].boxes(out.models[kind], th[kind])
-                boxes += [
+                found_boxes += [
                     Detection(float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), kind)
                     for b, s in zip(found, box_scores, strict=True)
                 ]
@@ -288,15 +289,26 @@ class InferenceEngine:
         return Prediction(
             is_defective=bool(fired),
             score=float(score),
-            boxes=tuple(boxes),
+            boxes=tuple(found_boxes),
             model_scores=scores,
             fired=fired,
             timings_ms=timings,
         )
 
     def predict(self, image: np.ndarray, bits_stored: int | None = None) -> Prediction:
-        """Inspect one 2-D uint8/uint16 image (with the operator's threshold overrides, if any)."""
-        return self.decide(self.analyze(image, bits_stored), self.threshold_overrides())
+        """Inspect one 2-D uint8/uint16 image (with the operator's threshold overrides, if any).
+
+        Verdict, score and boxes are those of running every model; models the decision rule does
+        not need for this frame are skipped (see `skip_unneeded_models`), so `model_scores` lists
+        the models that ran.
+        """
+        overrides = self.threshold_overrides()
+        frame = _FrameInputs(self, image, bits_stored)
+        prediction = self.decide(self._run(frame, self._eager), overrides, boxes=not self._deferred)
+        if prediction.is_defective and self._deferred:
+            # Boxes are reported only for defective frames: run the localisers now, then decide on all.
+            prediction = self.decide(self._run(frame, self._deferred), overrides)
+        return prediction
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -327,3 +339,29 @@ class InferenceEngine:
                 )
         if problems:
             raise BundleError("golden-image check failed: " + "; ".join(problems))
+
+
+class _FrameInputs:
+    """One frame's windowed images and model batches, shared by the models (and calls) that need them."""
+
+    def __init__(self, engine: InferenceEngine, image: np.ndarray, bits_stored: int | None) -> None:
+        if image.ndim != 2:
+            raise InferenceError(f"expected a 2-D grey image, got shape {image.shape}")
+        self.engine = engine
+        self.image = image
+        self.bits_stored = bits_stored
+        self.units: dict[tuple[float, float], np.ndarray] = {}
+        self.batches: dict[Preprocessing, tuple[np.ndarray, Layout, np.ndarray]] = {}
+        self.models: dict[str, KindOutput] = {}
+        self.timings: dict[str, float] = {}
+
+    def batch_for(self, prep: Preprocessing) -> tuple[np.ndarray, Layout, np.ndarray]:
+        """(batch, layout, windowed image) for `prep`; the batch lives in the engine's reused buffer."""
+        cached = self.batches.get(prep)
+        if cached is None:
+            unit = self.units.get(prep.window)
+            if unit is None:
+                unit = self.units[prep.window] = windowed(self.image, prep, self.bits_stored)
+            layout = layout_for(self.image.shape, prep)
+            cached = self.batches[prep] = (self.engine._builder(prep).build(unit, layout), layout, unit)
+        return cached

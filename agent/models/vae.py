@@ -107,11 +107,23 @@ def vae_anomaly_map(
 
 
 def image_score_from_map(anomaly: np.ndarray, quantile: float) -> float:
-    """A robust maximum of the anomaly map."""
+    """A robust maximum of the anomaly map: its value at `quantile` (the k-th smallest, k = q (n - 1))."""
     if quantile >= 1.0:
         return float(anomaly.max())
-    k = min(anomaly.size - 1, round(quantile * (anomaly.size - 1)))
-    return float(np.partition(anomaly.ravel(), k)[k])
+    flat = anomaly.ravel()
+    n = flat.size
+    k = min(n - 1, round(quantile * (n - 1)))
+    top = n - k  # the answer is the top-th largest value
+    if top * 64 > n:
+        return float(np.partition(flat, k)[k])
+    # Partitioning the whole map cost ~10 ms a frame. The maxima of `top` disjoint blocks are `top`
+    # values of the map, so their minimum is at most the top-th largest: every value at or above the
+    # answer passes the cut, and the answer is the same element of the (small) candidate set.
+    # `~(flat < cut)` keeps NaN too, which np.partition orders last, as in the whole-map partition.
+    cut = flat[: top * (n // top)].reshape(top, -1).max(axis=1).min()
+    candidates = flat[~(flat < cut)]
+    i = candidates.size - top
+    return float(np.partition(candidates, i)[i])
 
 
 def vae_boxes(anomaly: np.ndarray, pixel_threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:

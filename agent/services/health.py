@@ -17,7 +17,6 @@ sink, which also sees whether those sinks stored each result.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
@@ -31,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
+from lineside.agent.nvml import Nvml
 from lineside.agent.plugins import StrictConfig
 from lineside.agent.sinks.base import Sink
 
@@ -203,46 +203,8 @@ def _labelled_counter(name: str, documentation: str, label: str, values: dict[st
     return family
 
 
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-class GpuMemoryCollector:
-    """GPU memory per device from NVML (`libnvidia-ml.so.1`, shipped with the NVIDIA driver), read through
-    ctypes so no package is needed; yields nothing where there is no driver (CPU boxes, Jetson's iGPU)."""
-
-    def __init__(self) -> None:
-        self._nvml: ctypes.CDLL | None = None
-        try:
-            nvml = ctypes.CDLL("libnvidia-ml.so.1")
-            if nvml.nvmlInit_v2() == 0:
-                self._nvml = nvml
-        except (OSError, AttributeError):
-            self._nvml = None
-        if self._nvml is None:
-            logger.debug("no NVML: GPU memory is not in /metrics")
-
-    @property
-    def available(self) -> bool:
-        return self._nvml is not None
-
-    def memory(self) -> dict[int, tuple[int, int]]:
-        """{device index: (used bytes, total bytes)}; empty without NVML or on an error."""
-        nvml = self._nvml
-        if nvml is None:
-            return {}
-        count = ctypes.c_uint()
-        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return {}
-        found = {}
-        for index in range(count.value):
-            handle = ctypes.c_void_p()
-            info = _NvmlMemory()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
-                continue
-            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(info)) == 0:
-                found[index] = (int(info.used), int(info.total))
-        return found
+class GpuMemoryCollector(Nvml):
+    """GPU memory per device as Prometheus gauges; yields nothing where there is no NVIDIA driver."""
 
     def collect(self) -> Iterator[Metric]:
         memory = self.memory()

@@ -306,7 +306,8 @@ def test_threshold_overrides_apply_to_predict_until_cleared(classifier_rule_bund
         assert loud.is_defective and "classifier" in loud.fired
         assert "classifier" not in quiet.fired or plain.model_scores["classifier"] >= 1.0
         assert loud.model_scores == pytest.approx(plain.model_scores)
-        assert quiet.model_scores == pytest.approx(plain.model_scores)
+        # (a good verdict skips the localisers that only report boxes: their scores are absent)
+        assert quiet.model_scores == pytest.approx({k: plain.model_scores[k] for k in quiet.model_scores})
         assert engine.thresholds() == bundle
         assert engine.effective_thresholds()["classifier"].image == 1.0
     finally:
