@@ -128,11 +128,12 @@ def make_inspector() -> Callable[..., RecordingInspector]:
 
 @pytest.fixture(scope="session")
 def classifier_rule_bundle(test_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the test bundle whose decision rule includes the classifier.
+    """A copy of the test bundle with a fixed rule: defective when the classifier fires, boxes from the VAE
+    and the SSD.
 
-    Tests of threshold overrides need a model in the rule whose image threshold may be set anywhere in
-    [0, 1]; the rule calibrated on a bundle trained for seconds on synthetic data may leave the
-    classifier out. The golden verdicts follow the original rule: load it with verify_golden=False.
+    Tests of threshold overrides and of model skipping need a known rule with a model whose image
+    threshold may be set anywhere in [0, 1]; the rule calibrated for a bundle trained for seconds on
+    synthetic data varies. Golden verdicts follow the original rule: load it with verify_golden=False.
     """
     import json
     import shutil
@@ -140,7 +141,6 @@ def classifier_rule_bundle(test_bundle: Path, tmp_path_factory: pytest.TempPathF
     copy = tmp_path_factory.mktemp("classifier-rule") / "bundle"
     shutil.copytree(test_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
-    rule = manifest["decision"]["defective_if_any"]
-    manifest["decision"]["defective_if_any"] = ["classifier", *(k for k in rule if k != "classifier")]
+    manifest["decision"] = {"defective_if_any": ["classifier"], "report_boxes_from": ["vae", "ssd"]}
     (copy / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return copy

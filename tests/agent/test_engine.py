@@ -22,7 +22,8 @@ from lineside.agent.inference.engine import InferenceEngine
 
 @pytest.fixture(scope="module")
 def engine(test_bundle: Path) -> InferenceEngine:
-    return InferenceEngine.load(test_bundle, providers=["cpu"])
+    # Every model on every frame: these tests are about each model's outputs (skipping: test_inference_speed.py).
+    return InferenceEngine.load(test_bundle, providers=["cpu"], skip_unneeded_models=False)
 
 
 def _copy_with_manifest(bundle: Path, tmp_path: Path, edit: Callable[[dict], None]) -> Path:

@@ -20,11 +20,14 @@ from lineside.agent.models import KindThresholds
 
 
 @pytest.fixture(scope="module")
-def engines(test_bundle: Path) -> tuple[InferenceEngine, InferenceEngine]:
-    """(skipping unneeded models: the default, running every model on every frame)."""
+def engines(classifier_rule_bundle: Path) -> tuple[InferenceEngine, InferenceEngine]:
+    """(skipping unneeded models: the default, running every model on every frame), on the test bundle with
+    the rule these tests are written for (classifier decides, VAE and SSD report boxes)."""
     return (
-        InferenceEngine.load(test_bundle, providers=["cpu"]),
-        InferenceEngine.load(test_bundle, providers=["cpu"], skip_unneeded_models=False),
+        InferenceEngine.load(classifier_rule_bundle, providers=["cpu"], verify_golden=False),
+        InferenceEngine.load(
+            classifier_rule_bundle, providers=["cpu"], verify_golden=False, skip_unneeded_models=False
+        ),
     )
 
 
@@ -49,7 +52,7 @@ def _threshold_sets(engine: InferenceEngine) -> dict[str, dict[str, KindThreshol
 
 
 def test_skipping_unneeded_models_changes_no_verdict_score_or_box(
-    engines: tuple[InferenceEngine, InferenceEngine], test_bundle: Path
+    engines: tuple[InferenceEngine, InferenceEngine], classifier_rule_bundle: Path
 ) -> None:
     # given the test bundle (decision: the classifier; boxes from the VAE and the SSD)
     lazy, full = engines
@@ -59,7 +62,7 @@ def test_skipping_unneeded_models_changes_no_verdict_score_or_box(
     for name, overrides in _threshold_sets(lazy).items():
         lazy.set_threshold_overrides(overrides)
         full.set_threshold_overrides(overrides)
-        for i, image in enumerate(_frames(test_bundle)):
+        for i, image in enumerate(_frames(classifier_rule_bundle)):
             # when both engines inspect the frame
             a, b = lazy.predict(image), full.predict(image)
             # then verdict, score, firing models and boxes are identical
@@ -74,14 +77,14 @@ def test_skipping_unneeded_models_changes_no_verdict_score_or_box(
 
 
 def test_a_good_frame_runs_only_the_models_the_decision_needs(
-    engines: tuple[InferenceEngine, InferenceEngine], test_bundle: Path
+    engines: tuple[InferenceEngine, InferenceEngine], classifier_rule_bundle: Path
 ) -> None:
     # given thresholds at which the classifier, the only model of the decision, does not fire
     lazy, full = engines
     lazy.set_threshold_overrides(_threshold_sets(lazy)["quiet"])
     try:
         # when a frame is inspected
-        prediction = lazy.predict(_frames(test_bundle)[0])
+        prediction = lazy.predict(_frames(classifier_rule_bundle)[0])
     finally:
         lazy.set_threshold_overrides({})
     # then neither localiser ran: no score, no time spent
@@ -89,7 +92,7 @@ def test_a_good_frame_runs_only_the_models_the_decision_needs(
     assert set(prediction.model_scores) == {"classifier"}
     assert not {"vae", "ssd", "vae_post", "ssd_post"} & set(prediction.timings_ms)
     # while the engine told to run everything ran all three
-    assert set(full.predict(_frames(test_bundle)[0]).model_scores) == {"classifier", "vae", "ssd"}
+    assert set(full.predict(_frames(classifier_rule_bundle)[0]).model_scores) == {"classifier", "vae", "ssd"}
 
 
 def test_a_defective_frame_gets_the_localisers_boxes(engines: tuple[InferenceEngine, InferenceEngine]) -> None:
@@ -166,7 +169,9 @@ def test_bench_writes_its_figures_for_a_few_frames(test_bundle: Path, tmp_path: 
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["providers"] == ["CPUExecutionProvider"]
     assert report["images"]["sizes"] == ["768x572 uint8"]
-    assert {"decode", "preprocess", "classifier", "total"} <= set(report["stages_ms"])
+    # the models the bundle's decision needs ran on every frame
+    needed = json.loads((test_bundle / "manifest.json").read_text())["decision"]["defective_if_any"]
+    assert {"decode", "preprocess", "total", *needed} <= set(report["stages_ms"])
     assert set(report["threads_ms"]) == {"1", "2"}
     machine = report["machine"]
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["onnxruntime"]
