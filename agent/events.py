@@ -24,6 +24,7 @@ EVENT_KINDS = (
     "bundle_swapping",  # a new engine is about to take over (old_version, version)
     "bundle_changed",  # a new engine took over between two frames
     "bundle_swap_failed",  # the swap did not happen; the old engine still serves
+    "thresholds_dropped",  # a swapped-in bundle does not inherit the operator's overrides (old_version, version)
     "frame_error",  # a frame got an error result (code, message)
     "frame_dropped",  # a frame left the pipeline without a result (reason)
     "sink_failed",  # a sink raised on a result

@@ -232,6 +232,8 @@ class MqttService:
 
     def _on_event(self, event: Event) -> None:
         # Synchronous on the publisher's thread: one SQLite commit, no network.
+        if event.kind == "bundle_changed":
+            self._report_dropped_overrides(event)
         data = json.loads(json.dumps(event.data, default=str))
         payload = EventPayload(kind=event.kind, message=event.message, station=self.station, data=data, at=event.at)
         self.outbox.put(
@@ -496,6 +498,26 @@ class MqttService:
                 f"threshold overrides restored for bundle {manifest.version}",
                 overrides=thresholds.dump(overrides),
             )
+
+    def _report_dropped_overrides(self, event: Event) -> None:
+        """A swapped-in bundle starts from its own calibrated thresholds: say so when the operator had
+        overridden the old bundle's, so nobody believes a line-side setting still holds."""
+        path = self.config.state_dir / thresholds.STATE_FILE
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no overrides saved (or an unreadable file, reported at the next start)
+        old, new = event.data.get("old_version"), event.data.get("version")
+        if not isinstance(body, dict) or not body.get("overrides") or body.get("bundle_version") != old or old == new:
+            return
+        self.agent.events.publish(
+            "thresholds_dropped",
+            f"threshold overrides set for bundle {old} do not apply to bundle {new}: its calibrated thresholds "
+            "are in force; send set-thresholds again if they are still wanted",
+            old_version=old,
+            version=new,
+            overrides=body["overrides"],
+        )
 
     def _set_thresholds(self, command: SetThresholdsCommand) -> dict[str, Any]:
         engine: Any = self.agent.engine

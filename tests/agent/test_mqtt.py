@@ -4,6 +4,7 @@ outbox (in order, nothing lost across a broker outage), status with its last wil
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -518,6 +519,37 @@ def test_set_thresholds_changes_the_verdicts_is_reported_and_survives_a_restart(
     again.stop()
     third = run_real_agent(config)
     assert third.engine.threshold_overrides() == {}
+
+
+def test_a_swapped_in_bundle_reports_that_the_overrides_no_longer_apply(
+    tmp_path: Path, images: Path, mosquitto: Callable, plc: Callable, run_real_agent: Callable,
+    classifier_rule_bundle: Path,
+) -> None:  # fmt: skip
+    # given an agent whose operator overrode the classifier's threshold
+    from lineside.agent.inference.engine import InferenceEngine
+
+    broker = mosquitto()
+    line = plc(broker.port, PREFIX)
+    agent = run_real_agent(mqtt_config(tmp_path, images, broker.port, source={"loop": True, "rate_hz": 5}))
+    online(line)
+    line.send("set-thresholds", json.dumps({"thresholds": {"classifier": {"image": 0.0}}}))
+    assert reply_to(line, "set-thresholds")["ok"] is True
+    old = agent.engine.manifest.version
+
+    # when another bundle is swapped in (as the updates service does)
+    other = tmp_path / "other"
+    shutil.copytree(classifier_rule_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(bundle_id="other-bundle", version="2027.01.01-1")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    agent.swap_engine(InferenceEngine.load(other, providers=["cpu"], verify_golden=False))
+
+    # then the new bundle runs on its own thresholds, and the plant hears that the override is gone
+    assert agent.engine.threshold_overrides() == {}
+    line.wait_for(lambda: "thresholds_dropped" in [e["kind"] for e in line.json_on("event")], "thresholds_dropped")
+    event = next(e for e in line.json_on("event") if e["kind"] == "thresholds_dropped")
+    assert event["data"]["old_version"] == old and event["data"]["version"] == "2027.01.01-1"
+    assert event["data"]["overrides"]["classifier"]["image"] == 0.0
 
 
 BAD_THRESHOLDS = [
