@@ -79,18 +79,13 @@ def _print_problems(message: str, problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def _config_or_none(path: Path, *, check_paths: bool) -> AgentConfig | None:
-    """The validated config, or None after printing every problem (schema, then paths) with its key."""
+def _config_or_none(path: Path) -> AgentConfig | None:
+    """The validated config, or None after printing every schema problem with its key."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as err:
         _print_problems(str(err), err.problems)
         return None
-    problems = config.problems() if check_paths else []
-    if problems:
-        _print_problems(f"{path}: {len(problems)} problem(s) with the paths it names", problems)
-        return None
-    return config
 
 
 def _summary(config: AgentConfig) -> str:
@@ -105,11 +100,28 @@ def _summary(config: AgentConfig) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file and the paths it names; print every problem with its key path."""
-    config = _config_or_none(args.file, check_paths=not args.no_paths)
+    """Validate a config file, then the paths it names on this machine; print every problem with its key path.
+
+    A file with errors exits 78. Path problems (a bundle not copied yet, a hot folder not made yet) are
+    warnings, so a sample copied to a machine still validates; `--strict` makes them errors, as before
+    starting the service (install.sh does that).
+    """
+    config = _config_or_none(args.file)
     if config is None:
         return EXIT_CONFIG
-    print(f"ok: {_summary(config)}")
+    problems = [] if args.no_paths else config.problems()
+    if problems and args.strict:
+        _print_problems(f"{args.file}: {len(problems)} problem(s) with the paths it names", problems)
+        return EXIT_CONFIG
+    if problems:
+        print(
+            f"warning: {args.file}: {len(problems)} path(s) not usable on this machine yet "
+            "(run as the service user with --strict before starting the service):",
+            file=sys.stderr,
+        )
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    print(f"ok: {_summary(config)}" + (f" ({len(problems)} path warning(s))" if problems else ""))
     return EXIT_OK
 
 
@@ -117,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or until a finite source is exhausted)."""
     from lineside.agent.runtime import Agent
 
-    config = _config_or_none(args.config, check_paths=False)  # run reports path problems as it meets them
+    config = _config_or_none(args.config)  # run reports path problems as it meets them
     if config is None:
         return EXIT_CONFIG
     configure_logging(args.log_level or config.log_level)
@@ -257,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path, help="YAML config file.")
     check.add_argument(
         "--no-paths", action="store_true", help="Check the file only, not the folders and files it names."
+    )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="Paths that are missing or not usable by this user are errors (exit 78), not warnings.",
     )
     check.set_defaults(func=cmd_check_config)
 

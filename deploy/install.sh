@@ -112,7 +112,7 @@ fi
 systemctl daemon-reload
 systemctl enable "$UNIT_NAME" >/dev/null
 if [ "$START" = 1 ]; then
-    if "$VENV/bin/lineside-agent" check-config "$ETC/agent.yaml"; then
+    if "$VENV/bin/lineside-agent" check-config --strict "$ETC/agent.yaml"; then
         systemctl restart "$UNIT_NAME"
         say "started; check it: systemctl status lineside-agent; curl -s http://127.0.0.1:9464/readyz"
     else
