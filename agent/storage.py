@@ -10,7 +10,9 @@ endpoint from `AWS_ENDPOINT_URL` for S3-compatible stores (MinIO, Ceph, moto).
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +77,32 @@ def read_uri(uri: str | Path) -> bytes:
         return Path(text).read_bytes()
     except OSError as err:
         raise StoreError(f"{text}: cannot read file ({err.strerror or err})") from err
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in `folder` durable: it survives a power cut only once the folder is synced."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
+    """Replace `path` with `body` so that a power cut leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(body, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _is_image_name(name: str) -> bool:

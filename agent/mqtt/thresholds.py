@@ -10,8 +10,6 @@ different bundle starts from its own calibrated thresholds (the file is then lef
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +17,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from lineside.agent.models import KindThresholds
+from lineside.agent.storage import write_json_atomic
 
 STATE_FILE = "thresholds.json"
 
@@ -90,22 +89,7 @@ def save(state_dir: Path, bundle_id: str, bundle_version: str, overrides: dict[s
         "overrides": dump(overrides),
         "saved_at": datetime.now(UTC).isoformat(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".thresholds-", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(body, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    write_json_atomic(path, body)
     return path
 
 

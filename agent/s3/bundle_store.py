@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lineside.agent.bundle.manifest import MANIFEST_NAME, BundleManifest
 from lineside.agent.errors import BundleError
+from lineside.agent.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +58,6 @@ class StoredBundle:
     version: str
     path: Path
     created_at: datetime
-
-
-def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
-    """Replace `path` with `body` so that a power cut leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(body, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def bundle_id_at(location: Path) -> str | None:

@@ -86,3 +86,15 @@ def client_for(config: S3Config) -> Any:
             retries={"max_attempts": 2, "mode": "standard"},
         ),
     )
+
+
+def client_error(err: BaseException) -> tuple[str, int, str]:
+    """(code, HTTP status, message) of an S3 failure, without anything secret (never the request or its
+    headers). The code falls back to the HTTP status (a HEAD's error has no body), then the exception type."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        error = response.get("Error") or {}
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        code = str(error.get("Code") or status or "unknown")
+        return code, status, str(error.get("Message") or f"HTTP {status}")[:300]
+    return type(err).__name__, 0, str(err)[:300]

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lineside.agent.storage import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 ITEM_SUFFIX = ".item"
@@ -130,7 +132,7 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.folder / name)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -197,7 +199,7 @@ class Spool:
             if self._inflight == item.name:
                 self._inflight = None
         item.path.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def release(self, item: SpoolItem) -> None:
         """The upload of `item` stopped (it stays queued, first in line)."""
@@ -236,12 +238,3 @@ class Spool:
         with self._lock:
             n, self._unreported_evictions = self._unreported_evictions, 0
         return n
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename or unlink is durable only once the folder's entry is on disk.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

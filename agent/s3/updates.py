@@ -37,7 +37,7 @@ from lineside.agent.bundle.loader import extract_archive, load_bundle
 from lineside.agent.errors import BundleError, ConfigError, InferenceError, SignatureError, UpdateError
 from lineside.agent.plugins import StrictConfig, path_problems
 from lineside.agent.s3.bundle_store import BundleStore, bundle_id_at
-from lineside.agent.s3.config import S3Config, client_for
+from lineside.agent.s3.config import S3Config, client_error, client_for
 from lineside.agent.s3.signing import CHANNEL_PATTERN, ChannelPointer, load_public_key, pointer_key, verify_pointer
 
 if TYPE_CHECKING:
@@ -102,13 +102,6 @@ class UpdatesConfig(StrictConfig):
             except SignatureError as err:
                 key_problems = [f"{key}.public_key: {err}"]
         return [*found, *key_problems]
-
-
-def _client_error(err: Exception) -> tuple[str, int]:
-    response = getattr(err, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
 
 
 class UpdatesService:
@@ -262,7 +255,7 @@ class UpdatesService:
             response = self._s3().get_object(**args)
             body = response["Body"].read(_MAX_POINTER_BYTES + 1)
         except ClientError as err:
-            code, status = _client_error(err)
+            code, status, _ = client_error(err)
             if status == 304 or code in ("304", "NotModified"):
                 return None, self._etag
             if code in ("NoSuchKey", "404"):
@@ -413,7 +406,7 @@ class UpdatesService:
         try:
             response = self._s3().get_object(Bucket=self.s3.bucket, Key=pointer.key)
         except ClientError as err:
-            code, status = _client_error(err)
+            code, status, _ = client_error(err)
             if code in ("NoSuchKey", "404"):
                 raise UpdateError("download", f"the pointer names {uri}, which does not exist") from err
             raise UpdateError("download", f"{uri}: {code or status}: {err}", transient=True) from err

@@ -36,7 +36,7 @@ from lineside.agent.errors import ConfigError
 from lineside.agent.lfv_manifest import build_line, to_line
 from lineside.agent.plugins import StrictConfig, path_problems
 from lineside.agent.results import Frame, InspectionResult
-from lineside.agent.s3.config import S3Config, client_for
+from lineside.agent.s3.config import S3Config, client_error, client_for
 from lineside.agent.s3.spool import Part, Spool, SpoolCorrupt, SpoolItem
 from lineside.agent.sinks.base import Sink
 
@@ -233,17 +233,6 @@ def build_parts(
     return parts, original is not None
 
 
-def describe_error(err: BaseException) -> tuple[str, str]:
-    """(code, message) of an upload failure, without anything secret (never the request or its headers)."""
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):  # botocore ClientError
-        error = response.get("Error") or {}
-        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-        code = str(error.get("Code") or status or "unknown")
-        return code, str(error.get("Message") or f"HTTP {status}")[:300]
-    return type(err).__name__, str(err)[:300]
-
-
 # -- the sink and the service ---------------------------------------------------------------------
 
 
@@ -343,7 +332,7 @@ class UploadsService:
         try:
             self.client = client_for(self.s3)
         except Exception as err:  # a named profile that does not exist, a bad region...
-            raise ConfigError("s3: cannot make the S3 client", [f"s3: {describe_error(err)[1]}"]) from err
+            raise ConfigError("s3: cannot make the S3 client", [f"s3: {client_error(err)[2]}"]) from err
         self._thread = threading.Thread(target=self._run, name="lineside-uploads", daemon=True)
         self._thread.start()
 
@@ -500,7 +489,7 @@ class UploadsService:
             self.client.head_object(Bucket=self.s3.bucket, Key=key)
             return True
         except Exception as err:
-            code, _ = describe_error(err)
+            code, _, _ = client_error(err)
             if code in ("404", "NoSuchKey", "NotFound"):
                 return False
             if code in ("403", "AccessDenied"):
@@ -519,7 +508,7 @@ class UploadsService:
         return random.uniform(cap / 2, cap)  # jitter: stations behind one proxy do not retry in step
 
     def _upload_failed(self, err: Exception) -> None:
-        code, message = describe_error(err)
+        code, _, message = client_error(err)
         self._failures += 1
         self._bump("upload_errors")
         if code == self._failing:

@@ -39,6 +39,7 @@ from lineside.agent.sources.base import (
     error_frame,
     frame_from_bytes,
 )
+from lineside.agent.storage import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ class LedgerEntry:
     ok: bool
     code: str | None = None
     message: str | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once its directory is synced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ledger:
@@ -104,7 +96,7 @@ class Ledger:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     @staticmethod
     def _line(entry: LedgerEntry) -> str:
@@ -518,7 +510,7 @@ class FolderSource(FrameSource):
             suffix = f"{target.name}.json" if sidecar.name == f"{name}.json" else f"{target.stem}.json"
             with contextlib.suppress(FileNotFoundError):
                 shutil.move(sidecar, folder / suffix)
-        _fsync_dir(folder)
-        _fsync_dir(self.path)
+        fsync_dir(folder)
+        fsync_dir(self.path)
         with self._lock:
             self._seen.pop(name, None)
