@@ -96,7 +96,7 @@ def decode_ssd_tile(
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
     if candidates.size > post.pre_nms_top_k:
         top = np.argpartition(-scores[candidates], post.pre_nms_top_k - 1)[: post.pre_nms_top_k]
-        candidates = candidates[top]
+        candidates = np.sort(candidates[top])  # anchor order again: equal scores keep the lower anchor first
     a = anchors[candidates]
     d = deltas[candidates]
     s0, s1, s2, s3 = post.box_stds
@@ -117,6 +117,93 @@ def decode_ssd_tile(
     return boxes[solid], tile_scores[solid]
 
 
+def _iou_above(
+    rows: np.ndarray, row_areas: np.ndarray, cols: np.ndarray, col_areas: np.ndarray, thr: float
+) -> np.ndarray:
+    """(..., R, C) True where IoU > thr (or NaN), computed with exactly `nms`'s float32 operations."""
+    iw = np.maximum(
+        0.0,
+        np.minimum(rows[..., :, None, 2], cols[..., None, :, 2])
+        - np.maximum(rows[..., :, None, 0], cols[..., None, :, 0]),
+    )
+    ih = np.maximum(
+        0.0,
+        np.minimum(rows[..., :, None, 3], cols[..., None, :, 3])
+        - np.maximum(rows[..., :, None, 1], cols[..., None, :, 1]),
+    )
+    inter = iw * ih
+    iou = inter / np.maximum(row_areas[..., :, None] + col_areas[..., None, :] - inter, 1e-9)
+    return ~(iou <= thr)
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.maximum(boxes[..., 2] - boxes[..., 0], 0) * np.maximum(boxes[..., 3] - boxes[..., 1], 0)
+
+
+def _merged_greedy(
+    tile_boxes: np.ndarray,
+    image_boxes: np.ndarray,
+    solid: np.ndarray,
+    tiles: np.ndarray,
+    n_tiles: int,
+    post: SSDPost,
+    block: int = 64,
+) -> np.ndarray:
+    """Per-tile NMS and the NMS across tiles in one greedy pass; indices kept, best first.
+
+    The inputs are every tile's candidates in one order: score descending, then tile, then the tile's
+    own order. A candidate survives its tile unless a surviving candidate of the same tile, earlier
+    in that order, overlaps it (in tile pixels, before clipping) or the tile already has
+    `max_detections`; a solid survivor is then kept unless an already kept box overlaps it in image
+    pixels. Both decisions depend only on earlier candidates, so one pass in this order gives what
+    NMS per tile followed by NMS over the concatenation gives, and it can stop at the
+    `max_detections`-th kept box: on GDXray frames after ~230 of the 12 x 400 candidates.
+    """
+    cap, thr = post.max_detections, post.nms_iou
+    across = n_tiles > 1
+    tile_areas, image_areas = _areas(tile_boxes), _areas(image_boxes)
+    # Survivors so far: zero boxes have IoU 0 with anything, so the padding never suppresses.
+    tile_kept = np.zeros((n_tiles, cap, 4), np.float32)
+    tile_kept_areas = np.zeros((n_tiles, cap), np.float32)
+    tile_count = np.zeros(n_tiles, np.int64)
+    kept_boxes = np.zeros((cap, 4), np.float32)
+    kept_areas = np.zeros(cap, np.float32)
+    keep: list[int] = []
+    n = tiles.size
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        t = tiles[start:stop]
+        tb, ta = tile_boxes[start:stop], tile_areas[start:stop]
+        ib, ia = image_boxes[start:stop], image_areas[start:stop]
+        # Suppressed by survivors of earlier blocks, then within the block (same tile only).
+        tile_drop = _iou_above(tb[:, None], ta[:, None], tile_kept[t], tile_kept_areas[t], thr)[:, 0].any(axis=1)
+        inside = _iou_above(tb, ta, tb, ta, thr) & (t[:, None] == t[None, :])
+        if across:
+            drop = _iou_above(ib, ia, kept_boxes[: len(keep)], kept_areas[: len(keep)], thr).any(axis=1)
+            between = _iou_above(ib, ia, ib, ia, thr)
+        for k in range(stop - start):
+            if tile_drop[k]:
+                continue
+            tile = t[k]
+            slot = tile_count[tile]
+            if slot >= cap:
+                continue
+            tile_kept[tile, slot], tile_kept_areas[tile, slot] = tb[k], ta[k]
+            tile_count[tile] = slot + 1
+            tile_drop |= inside[k]  # marks earlier rows too, harmlessly: they are decided
+            if not solid[start + k]:
+                continue
+            if across:
+                if drop[k]:
+                    continue
+                kept_boxes[len(keep)], kept_areas[len(keep)] = ib[k], ia[k]
+                drop |= between[k]
+            keep.append(start + k)
+            if len(keep) >= cap:
+                return np.asarray(keep, dtype=np.int64)
+    return np.asarray(keep, dtype=np.int64)
+
+
 def ssd_detections(
     probs: np.ndarray,
     deltas: np.ndarray,
@@ -125,27 +212,55 @@ def ssd_detections(
     layout: Layout,
     tile_hw: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All tiles' raw heads -> merged (boxes in original pixels, scores), NMS across tile overlaps."""
-    all_boxes, all_scores = [], []
-    sh, sw = layout.scaled_shape
-    for i, (y, x) in enumerate(layout.origins):
-        boxes, scores = decode_ssd_tile(probs[i], deltas[i], anchors, post, tile_hw)
-        if len(scores):
-            boxes[:, [0, 2]] += x
-            boxes[:, [1, 3]] += y
-            # Padding beyond the image edge cannot hold a defect.
-            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, sw)
-            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, sh)
-            all_boxes.append(boxes)
-            all_scores.append(scores)
-    if not all_boxes:
+    """All tiles' raw heads -> merged (boxes in original pixels, scores), NMS across tile overlaps.
+
+    The same detections as `decode_ssd_tile` on each tile followed by `nms` over their union
+    (tests/agent/test_ssd_post.py holds both to it), without running NMS on the candidates that
+    cannot reach the final `max_detections`: 8.7 -> ~2 ms a frame of 12 tiles.
+    """
+    n_tiles, n_anchors = probs.shape[:2]
+    scores = probs[:, :, 1]
+    k = min(post.pre_nms_top_k, n_anchors)
+    if k < n_anchors:
+        # Each tile's pre-NMS top k, back in anchor order so equal scores rank as in `decode_ssd_tile`.
+        top = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+    else:
+        top = np.broadcast_to(np.arange(n_anchors), (n_tiles, n_anchors))
+    picked = np.take_along_axis(scores, top, axis=1)
+    valid = picked > post.score_floor
+    tiles = np.broadcast_to(np.arange(n_tiles)[:, None], top.shape)[valid]
+    anchor_ids = top[valid]
+    cand_scores = picked[valid].astype(np.float32)
+    if cand_scores.size == 0:
         return NO_BOXES, NO_SCORES
-    boxes = np.concatenate(all_boxes)
-    scores = np.concatenate(all_scores)
-    if len(layout.origins) > 1:
-        keep = nms(boxes, scores, post.nms_iou, post.max_detections)
-        boxes, scores = boxes[keep], scores[keep]
-    return layout.to_original(boxes), scores
+    # Candidates are laid out tile by tile, each in its own order: a stable sort breaks ties the same way.
+    order = np.argsort(-cand_scores, kind="stable")
+    tiles, anchor_ids, cand_scores = tiles[order], anchor_ids[order], cand_scores[order]
+    a = anchors[anchor_ids]
+    d = deltas[tiles, anchor_ids]
+    s0, s1, s2, s3 = post.box_stds
+    cx = d[:, 0] * s0 * a[:, 2] + a[:, 0]
+    cy = d[:, 1] * s1 * a[:, 3] + a[:, 1]
+    hw = np.exp(d[:, 2] * s2) * a[:, 2] / 2
+    hh = np.exp(d[:, 3] * s3) * a[:, 3] / 2
+    tile_boxes = np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+    th, tw = tile_hw
+    image_boxes = tile_boxes.copy()
+    image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, tw)
+    image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, th)
+    # A box entirely outside its tile clips to zero area: nothing to report.
+    solid = (image_boxes[:, 2] > image_boxes[:, 0]) & (image_boxes[:, 3] > image_boxes[:, 1])
+    origins = np.asarray(layout.origins, dtype=np.float32)[tiles]  # (y, x) per candidate
+    image_boxes[:, [0, 2]] += origins[:, 1:2]
+    image_boxes[:, [1, 3]] += origins[:, 0:1]
+    # Padding beyond the image edge cannot hold a defect.
+    sh, sw = layout.scaled_shape
+    image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, sw)
+    image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, sh)
+    keep = _merged_greedy(tile_boxes, image_boxes, solid, tiles, n_tiles, post)
+    if keep.size == 0:
+        return NO_BOXES, NO_SCORES
+    return layout.to_original(image_boxes[keep]), cand_scores[keep]
 
 
 class SSD(ModelKind):
