@@ -172,6 +172,9 @@ def test_bench_writes_its_figures_for_a_few_frames(test_bundle: Path, tmp_path: 
     # the models the bundle's decision needs ran on every frame
     needed = json.loads((test_bundle / "manifest.json").read_text())["decision"]["defective_if_any"]
     assert {"decode", "preprocess", "total", *needed} <= set(report["stages_ms"])
+    # the bare loop does the engine's model work: at least the needed models, at most all of them
+    models = json.loads((test_bundle / "manifest.json").read_text())["models"]
+    assert len(needed) <= report["bare_models_per_frame"] <= len(models)
     assert set(report["threads_ms"]) == {"1", "2"}
     machine = report["machine"]
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["onnxruntime"]
