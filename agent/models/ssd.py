@@ -140,68 +140,97 @@ def _areas(boxes: np.ndarray) -> np.ndarray:
     return np.maximum(boxes[..., 2] - boxes[..., 0], 0) * np.maximum(boxes[..., 3] - boxes[..., 1], 0)
 
 
-def _merged_greedy(
-    tile_boxes: np.ndarray,
-    image_boxes: np.ndarray,
-    solid: np.ndarray,
-    tiles: np.ndarray,
-    n_tiles: int,
-    post: SSDPost,
-    block: int = 64,
-) -> np.ndarray:
-    """Per-tile NMS and the NMS across tiles in one greedy pass; indices kept, best first.
+class _MergedGreedy:
+    """Per-tile NMS and the NMS across tiles in one greedy pass, fed candidates best first.
 
-    The inputs are every tile's candidates in one order: score descending, then tile, then the tile's
-    own order. A candidate survives its tile unless a surviving candidate of the same tile, earlier
-    in that order, overlaps it (in tile pixels, before clipping) or the tile already has
-    `max_detections`; a solid survivor is then kept unless an already kept box overlaps it in image
-    pixels. Both decisions depend only on earlier candidates, so one pass in this order gives what
-    NMS per tile followed by NMS over the concatenation gives, and it can stop at the
-    `max_detections`-th kept box: on GDXray frames after ~230 of the 12 x 400 candidates.
+    The candidates come in one order: score descending, then tile, then anchor. A candidate survives
+    its tile unless a surviving candidate of the same tile, earlier in that order, overlaps it (in
+    tile pixels, before clipping) or the tile already has `max_detections`; a solid survivor is then
+    kept unless an already kept box overlaps it in image pixels. Both decisions depend only on earlier
+    candidates, so this pass gives what NMS per tile followed by NMS over the concatenation gives, and
+    it is done at the `max_detections`-th kept box: on GDXray frames after ~230 of 12 x 400 candidates.
     """
-    cap, thr = post.max_detections, post.nms_iou
-    across = n_tiles > 1
-    tile_areas, image_areas = _areas(tile_boxes), _areas(image_boxes)
-    # Survivors so far: zero boxes have IoU 0 with anything, so the padding never suppresses.
-    tile_kept = np.zeros((n_tiles, cap, 4), np.float32)
-    tile_kept_areas = np.zeros((n_tiles, cap), np.float32)
-    tile_count = np.zeros(n_tiles, np.int64)
-    kept_boxes = np.zeros((cap, 4), np.float32)
-    kept_areas = np.zeros(cap, np.float32)
-    keep: list[int] = []
-    n = tiles.size
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        t = tiles[start:stop]
-        tb, ta = tile_boxes[start:stop], tile_areas[start:stop]
-        ib, ia = image_boxes[start:stop], image_areas[start:stop]
-        # Suppressed by survivors of earlier blocks, then within the block (same tile only).
-        tile_drop = _iou_above(tb[:, None], ta[:, None], tile_kept[t], tile_kept_areas[t], thr)[:, 0].any(axis=1)
-        inside = _iou_above(tb, ta, tb, ta, thr) & (t[:, None] == t[None, :])
-        if across:
-            drop = _iou_above(ib, ia, kept_boxes[: len(keep)], kept_areas[: len(keep)], thr).any(axis=1)
-            between = _iou_above(ib, ia, ib, ia, thr)
-        for k in range(stop - start):
-            if tile_drop[k]:
-                continue
-            tile = t[k]
-            slot = tile_count[tile]
-            if slot >= cap:
-                continue
-            tile_kept[tile, slot], tile_kept_areas[tile, slot] = tb[k], ta[k]
-            tile_count[tile] = slot + 1
-            tile_drop |= inside[k]  # marks earlier rows too, harmlessly: they are decided
-            if not solid[start + k]:
-                continue
-            if across:
-                if drop[k]:
+
+    def __init__(self, n_tiles: int, post: SSDPost) -> None:
+        self.cap, self.thr = post.max_detections, post.nms_iou
+        self.across = n_tiles > 1
+        # Survivors so far: zero boxes have IoU 0 with anything, so the padding never suppresses.
+        self.tile_kept = np.zeros((n_tiles, self.cap, 4), np.float32)
+        self.tile_kept_areas = np.zeros((n_tiles, self.cap), np.float32)
+        self.tile_count = np.zeros(n_tiles, np.int64)
+        self.kept_boxes = np.zeros((self.cap, 4), np.float32)
+        self.kept_areas = np.zeros(self.cap, np.float32)
+        self.kept_scores = np.zeros(self.cap, np.float32)
+        self.kept = 0
+
+    @property
+    def done(self) -> bool:
+        return self.kept >= self.cap
+
+    def feed(
+        self, tile_boxes: np.ndarray, image_boxes: np.ndarray, tiles: np.ndarray, scores: np.ndarray, block: int = 64
+    ) -> None:
+        """The next candidates, in order; `image_boxes` are clipped to their tile, then to the image."""
+        cap, thr = self.cap, self.thr
+        solid = (image_boxes[:, 2] > image_boxes[:, 0]) & (image_boxes[:, 3] > image_boxes[:, 1])
+        tile_areas, image_areas = _areas(tile_boxes), _areas(image_boxes)
+        for start in range(0, tiles.size, block):
+            stop = min(tiles.size, start + block)
+            t = tiles[start:stop]
+            tb, ta = tile_boxes[start:stop], tile_areas[start:stop]
+            ib, ia = image_boxes[start:stop], image_areas[start:stop]
+            # Suppressed by survivors of earlier blocks, then within the block (same tile only).
+            kept_t, kept_ta = self.tile_kept[t], self.tile_kept_areas[t]
+            tile_drop = _iou_above(tb[:, None], ta[:, None], kept_t, kept_ta, thr)[:, 0].any(axis=1)
+            inside = _iou_above(tb, ta, tb, ta, thr) & (t[:, None] == t[None, :])
+            if self.across:
+                n = self.kept
+                drop = _iou_above(ib, ia, self.kept_boxes[:n], self.kept_areas[:n], thr).any(axis=1)
+                between = _iou_above(ib, ia, ib, ia, thr)
+            for k in range(stop - start):
+                if tile_drop[k]:
                     continue
-                kept_boxes[len(keep)], kept_areas[len(keep)] = ib[k], ia[k]
-                drop |= between[k]
-            keep.append(start + k)
-            if len(keep) >= cap:
-                return np.asarray(keep, dtype=np.int64)
-    return np.asarray(keep, dtype=np.int64)
+                tile = t[k]
+                slot = self.tile_count[tile]
+                if slot >= cap:
+                    continue
+                self.tile_kept[tile, slot], self.tile_kept_areas[tile, slot] = tb[k], ta[k]
+                self.tile_count[tile] = slot + 1
+                tile_drop |= inside[k]  # marks earlier rows too, harmlessly: they are decided
+                if not solid[start + k]:
+                    continue
+                if self.across:
+                    if drop[k]:
+                        continue
+                    drop |= between[k]
+                self.kept_boxes[self.kept], self.kept_areas[self.kept] = ib[k], ia[k]
+                self.kept_scores[self.kept] = scores[start + k]
+                self.kept += 1
+                if self.kept >= cap:
+                    return
+
+
+FIRST_CHUNK = 1024  # candidates taken first, best scores; ~230 fill the final 100 boxes on GDXray frames
+
+
+def _first_cut(flat: np.ndarray, size: int) -> float:
+    """A score with about `size` of `flat` at or above it, estimated from a strided sample."""
+    stride = max(1, flat.size // 4096)
+    sample = flat[::stride]
+    m = size // stride
+    if m >= sample.size or m < 1:
+        return -np.inf
+    return float(np.partition(sample, sample.size - m)[sample.size - m])
+
+
+def _rank_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """0, 1, 2, ... within each group value, in array order."""
+    order = np.argsort(groups, kind="stable")
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size) - np.repeat(starts, counts)
+    return rank
 
 
 def ssd_detections(
@@ -215,52 +244,63 @@ def ssd_detections(
     """All tiles' raw heads -> merged (boxes in original pixels, scores), NMS across tile overlaps.
 
     The same detections as `decode_ssd_tile` on each tile followed by `nms` over their union
-    (tests/agent/test_ssd_post.py holds both to it), without running NMS on the candidates that
-    cannot reach the final `max_detections`: 8.7 -> ~2 ms a frame of 12 tiles.
+    (tests/agent/test_ssd_post.py holds it to that), in a fraction of the time: the best-scored
+    candidates of all tiles are decoded and fed to one greedy pass first, and only when that pass has
+    not reached `max_detections` does the rest of each tile's pre-NMS top k follow (8.7 -> ~1.5 ms a
+    GDXray frame of 12 tiles).
     """
     n_tiles, n_anchors = probs.shape[:2]
-    scores = probs[:, :, 1]
-    k = min(post.pre_nms_top_k, n_anchors)
-    if k < n_anchors:
-        # Each tile's pre-NMS top k, back in anchor order so equal scores rank as in `decode_ssd_tile`.
-        top = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
-    else:
-        top = np.broadcast_to(np.arange(n_anchors), (n_tiles, n_anchors))
-    picked = np.take_along_axis(scores, top, axis=1)
-    valid = picked > post.score_floor
-    tiles = np.broadcast_to(np.arange(n_tiles)[:, None], top.shape)[valid]
-    anchor_ids = top[valid]
-    cand_scores = picked[valid].astype(np.float32)
-    if cand_scores.size == 0:
-        return NO_BOXES, NO_SCORES
-    # Candidates are laid out tile by tile, each in its own order: a stable sort breaks ties the same way.
-    order = np.argsort(-cand_scores, kind="stable")
-    tiles, anchor_ids, cand_scores = tiles[order], anchor_ids[order], cand_scores[order]
-    a = anchors[anchor_ids]
-    d = deltas[tiles, anchor_ids]
-    s0, s1, s2, s3 = post.box_stds
-    cx = d[:, 0] * s0 * a[:, 2] + a[:, 0]
-    cy = d[:, 1] * s1 * a[:, 3] + a[:, 1]
-    hw = np.exp(d[:, 2] * s2) * a[:, 2] / 2
-    hh = np.exp(d[:, 3] * s3) * a[:, 3] / 2
-    tile_boxes = np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+    scores = np.ascontiguousarray(probs[:, :, 1])
+    flat = scores.ravel()
+    top_k = min(post.pre_nms_top_k, n_anchors)
+    greedy = _MergedGreedy(n_tiles, post)
+    taken = np.zeros(n_tiles, np.int64)  # candidates of each tile so far (a tile's pre-NMS top k)
+    origins = np.asarray(layout.origins, dtype=np.float32)
     th, tw = tile_hw
-    image_boxes = tile_boxes.copy()
-    image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, tw)
-    image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, th)
-    # A box entirely outside its tile clips to zero area: nothing to report.
-    solid = (image_boxes[:, 2] > image_boxes[:, 0]) & (image_boxes[:, 3] > image_boxes[:, 1])
-    origins = np.asarray(layout.origins, dtype=np.float32)[tiles]  # (y, x) per candidate
-    image_boxes[:, [0, 2]] += origins[:, 1:2]
-    image_boxes[:, [1, 3]] += origins[:, 0:1]
-    # Padding beyond the image edge cannot hold a defect.
     sh, sw = layout.scaled_shape
-    image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, sw)
-    image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, sh)
-    keep = _merged_greedy(tile_boxes, image_boxes, solid, tiles, n_tiles, post)
-    if keep.size == 0:
+    s0, s1, s2, s3 = post.box_stds
+    cut = _first_cut(flat, FIRST_CHUNK)
+    for chunk in (0, 1):
+        above = flat > post.score_floor
+        if chunk == 0:
+            idx = np.flatnonzero(above & (flat >= cut))
+        else:  # the rest: at most each tile's remaining top k, by score
+            rest = np.where(above & (flat < cut), flat, -np.inf).reshape(n_tiles, n_anchors)
+            k = min(top_k, n_anchors)
+            top = np.argpartition(-rest, k - 1, axis=1)[:, :k] if k < n_anchors else np.arange(n_anchors)[None]
+            top = np.sort(np.broadcast_to(top, (n_tiles, top.shape[1])), axis=1)
+            idx = (top + (np.arange(n_tiles) * n_anchors)[:, None]).ravel()
+            idx = idx[rest.ravel()[idx] > -np.inf]
+        # Best first; equal scores by tile, then anchor (the flat index's own order).
+        idx = idx[np.argsort(-flat[idx], kind="stable")]
+        tiles, anchor_ids = np.divmod(idx, n_anchors)
+        ok = taken[tiles] + _rank_in_group(tiles, n_tiles) < top_k
+        taken += np.bincount(tiles, minlength=n_tiles)
+        tiles, anchor_ids, cand_scores = tiles[ok], anchor_ids[ok], flat[idx[ok]].astype(np.float32)
+        if cand_scores.size:
+            a = anchors[anchor_ids]
+            d = deltas[tiles, anchor_ids]
+            cx = d[:, 0] * s0 * a[:, 2] + a[:, 0]
+            cy = d[:, 1] * s1 * a[:, 3] + a[:, 1]
+            hw = np.exp(d[:, 2] * s2) * a[:, 2] / 2
+            hh = np.exp(d[:, 3] * s3) * a[:, 3] / 2
+            tile_boxes = np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+            image_boxes = tile_boxes.copy()
+            image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, tw)
+            image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, th)
+            # A box entirely outside its tile clips to zero area there and is never reported.
+            image_boxes[:, [0, 2]] += origins[tiles, 1:2]
+            image_boxes[:, [1, 3]] += origins[tiles, 0:1]
+            # Padding beyond the image edge cannot hold a defect.
+            image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, sw)
+            image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, sh)
+            greedy.feed(tile_boxes, image_boxes, tiles, cand_scores)
+        if greedy.done or cut == -np.inf:
+            break
+    if greedy.kept == 0:
         return NO_BOXES, NO_SCORES
-    return layout.to_original(image_boxes[keep]), cand_scores[keep]
+    n = greedy.kept
+    return layout.to_original(greedy.kept_boxes[:n]), greedy.kept_scores[:n].copy()
 
 
 class SSD(ModelKind):

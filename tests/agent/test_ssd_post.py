@@ -25,7 +25,7 @@ from lineside.agent.models.ssd import SSDPost, decode_ssd_tile, nms, ssd_detecti
 def reference_detections(
     probs: np.ndarray, deltas: np.ndarray, anchors: np.ndarray, post: SSDPost, layout: Layout, tile_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NMS per tile, then NMS over the union of the tiles: what the fast path must equal."""
+    """NMS per tile, then NMS over the union of the tiles' boxes inside the image: what the fast path must equal."""
     all_boxes, all_scores = [], []
     sh, sw = layout.scaled_shape
     for i, (y, x) in enumerate(layout.origins):
@@ -34,8 +34,10 @@ def reference_detections(
         boxes[:, [1, 3]] += y
         boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, sw)
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, sh)
-        all_boxes.append(boxes)
-        all_scores.append(scores)
+        # A box wholly in the padding beyond the image's edge clips to nothing there: never reported.
+        solid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        all_boxes.append(boxes[solid])
+        all_scores.append(scores[solid])
     boxes, scores = np.concatenate(all_boxes), np.concatenate(all_scores)
     if not scores.size:
         return NO_BOXES, NO_SCORES
@@ -82,6 +84,10 @@ def _assert_same(fast: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.
         (12, 300, {"pre_nms_top_k": 1000, "score_floor": 0.2}, 1.0, 0.1),  # the floor leaves few candidates
         (5, 900, {"nms_iou": 0.2, "max_detections": 30}, 1.0, 0.1),  # per-tile caps bind before the final one
         (1, 900, {}, 2.0, 0.1),  # one tile: no NMS across tiles
+        # a small pre-NMS top k binds in every tile
+        (12, 900, {"pre_nms_top_k": 25}, 1.0, 0.1),
+        # the final cap cannot be reached: every tile's whole top k is read, past the first chunk
+        (3, 3000, {"pre_nms_top_k": 700, "max_detections": 1000}, 1.0, 0.1),
         # most boxes wholly outside their tile: they fill a tile's cap without ever being reported
         (4, 900, {"max_detections": 25}, 1.0, 2.0),
         (12, 600, {"score_floor": 0.99}, 1.0, 0.1),  # nothing above the floor
