@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from lineside.agent.results import Frame, InspectionResult
+from lineside.agent.sinks.base import Sink
+
 REPO = Path(__file__).resolve().parents[1]
 HAS_MXNET = importlib.util.find_spec("mxnet") is not None
 
@@ -31,6 +34,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi found none)"))
+
+
+class RecordingSink(Sink):
+    """Records what it is given; raises on every call when `fail` is set."""
+
+    def __init__(self, name: str = "recording", *, fail: bool = False, durable: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.durable = durable
+        self.results: list[InspectionResult] = []
+        self.closed = False
+
+    def publish(self, result: InspectionResult, frame: Frame) -> None:
+        if self.fail:
+            raise OSError("disk full (simulated)")
+        self.results.append(result)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def make_sink() -> type[RecordingSink]:
+    """RecordingSink(name, fail=..., durable=...)."""
+    return RecordingSink
 
 
 @pytest.fixture(scope="session")

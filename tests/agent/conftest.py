@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 
 from lineside.agent.inference.types import Detection, Prediction
-from lineside.agent.results import Frame, InspectionResult
-from lineside.agent.sinks.base import Sink
 
 
 def png_bytes(height: int = 32, width: int = 40, *, value: int = 100, dtype: type = np.uint8) -> bytes:
@@ -81,31 +79,6 @@ class RecordingInspector:
             fired=("ssd",),
             timings_ms={"preprocess": 0.5, "ssd": 1.0},
         )
-
-
-class RecordingSink(Sink):
-    """Records what it is given; raises on every call when `fail` is set."""
-
-    def __init__(self, name: str = "recording", *, fail: bool = False, durable: bool = False) -> None:
-        self.name = name
-        self.fail = fail
-        self.durable = durable
-        self.results: list[InspectionResult] = []
-        self.closed = False
-
-    def publish(self, result: InspectionResult, frame: Frame) -> None:
-        if self.fail:
-            raise OSError("disk full (simulated)")
-        self.results.append(result)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@pytest.fixture
-def make_sink() -> type[RecordingSink]:
-    """RecordingSink(name, fail=..., durable=...)."""
-    return RecordingSink
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from lineside.agent.results import InspectionResult
 from lineside.agent.runtime import Agent
 from lineside.agent.s3.signing import ChannelPointer, generate_keypair, load_private_key, sign_pointer
 from lineside.agent.s3.updates import UpdatesService
+from lineside.agent.sinks.base import Sink
 
 PREFIX = "plant"
 
@@ -162,23 +163,13 @@ class RunningAgent:
         self.wait_for(lambda: len(self.results) >= target, f"{more} more results")
 
 
-class ListSink:
-    name = "list"
-    durable = False
-
-    def __init__(self) -> None:
-        self.results: list[InspectionResult] = []
-
-    def publish(self, result: InspectionResult, frame: Any) -> None:
-        self.results.append(result)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def start_agent(
-    bundles: dict[str, Path], frames: Path, tmp_path: Path, signing_keys: dict[str, Path]
+    bundles: dict[str, Path],
+    frames: Path,
+    tmp_path: Path,
+    signing_keys: dict[str, Path],
+    make_sink: Callable[[], Sink],
 ) -> Iterator[Callable[..., RunningAgent]]:
     started: list[Agent] = []
 
@@ -221,7 +212,7 @@ def start_agent(
         }
         if mqtt is not None:
             config["mqtt"] = mqtt
-        sink = ListSink()
+        sink = make_sink()
         events: list[Event] = []
         agent = Agent(parse_config(config), sinks=[sink])
         agent.events.subscribe(events.append)

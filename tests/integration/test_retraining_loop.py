@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ import pytest
 from lineside.agent.config import parse_config
 from lineside.agent.events import Event
 from lineside.agent.lfv_manifest import build_line, parse_line, to_line
-from lineside.agent.results import InspectionResult
 from lineside.agent.runtime import Agent
 from lineside.agent.s3.signing import generate_keypair
+from lineside.agent.sinks.base import Sink
 
 pytestmark = pytest.mark.export  # trains with MXNet: the full environment only
 
@@ -31,20 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 PREFIX = "plant"
 STATION = "cell-9"
 NEW_VERSION = "2026.12.31-retrained"
-
-
-class ListSink:
-    name = "list"
-    durable = False
-
-    def __init__(self) -> None:
-        self.results: list[InspectionResult] = []
-
-    def publish(self, result: InspectionResult, frame: Any) -> None:
-        self.results.append(result)
-
-    def close(self) -> None:
-        pass
 
 
 def wait_for(check: Any, what: str, timeout: float = 120.0) -> None:
@@ -93,7 +80,7 @@ def review(client: Any, bucket: str, truth: dict[str, Any]) -> str:
 
 
 def test_flagged_frames_come_back_as_a_bundle_the_agent_serves(
-    s3_endpoint: str, test_bundle: Path, synth_dir: Path, tmp_path: Path
+    make_sink: Callable[[], Sink], s3_endpoint: str, test_bundle: Path, synth_dir: Path, tmp_path: Path
 ) -> None:
     from lineside.export.data import open_dataset
 
@@ -145,7 +132,7 @@ def test_flagged_frames_come_back_as_a_bundle_the_agent_serves(
             },
         }
     )
-    sink = ListSink()
+    sink = make_sink()
     events: list[Event] = []
     agent = Agent(config, sinks=[sink])
     agent.events.subscribe(events.append)
