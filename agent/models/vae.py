@@ -128,15 +128,24 @@ def image_score_from_map(anomaly: np.ndarray, quantile: float) -> float:
 
 def vae_boxes(anomaly: np.ndarray, pixel_threshold: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
     """Binary mask -> connected components of at least `min_area` px -> (boxes, peak scores)."""
-    mask = (anomaly >= pixel_threshold).astype(np.uint8)
+    above = anomaly >= pixel_threshold
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    cols = np.flatnonzero(above.any(axis=0))
+    # Label only the rectangle that holds every marked pixel: labelling a whole frame costs ~3 ms even
+    # when it is empty. Components and their raster order are the same as on the whole frame.
+    y0, x0 = int(rows[0]), int(cols[0])
+    mask = above[y0 : rows[-1] + 1, x0 : cols[-1] + 1].astype(np.uint8)
+    region = anomaly[y0 : rows[-1] + 1, x0 : cols[-1] + 1]
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     boxes, scores = [], []
     for label in range(1, count):
         x, y, w, h, area = stats[label]
         if area < min_area:
             continue
-        boxes.append((x, y, x + w, y + h))
-        scores.append(float(anomaly[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label].max()))
+        boxes.append((x0 + x, y0 + y, x0 + x + w, y0 + y + h))
+        scores.append(float(region[y : y + h, x : x + w][labels[y : y + h, x : x + w] == label].max()))
     if not boxes:
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
     return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
