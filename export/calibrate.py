@@ -37,6 +37,11 @@ DEFAULT_TARGET_RECALL = 0.98
 # Below these counts the operating point is a rough guess; the figures say so (`warnings`).
 MIN_NORMAL_IMAGES = 10
 MIN_DEFECTIVE_IMAGES = 10
+# Series (parts) differ in exposure and part type: an operating point set on a few transfers badly
+# (GDXray: recall 1.0 on 4 wheel series gave 0.90 on unseen series, docs/evaluation.md).
+MIN_CALIBRATION_GROUPS = 5
+# Above this share of normal validation images flagged, the decision hardly tells good from bad parts.
+MAX_FALSE_ALARM_RATE = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,18 +108,9 @@ def _f1_optimal(
     return best_rule, rules
 
 
-def calibrate(
-    outputs: Sequence[ModelOutputs],
-    samples: Sequence[Sample],
-    kinds: Sequence[str],
-    target_recall: float = DEFAULT_TARGET_RECALL,
-) -> tuple[dict[str, KindThresholds], DecisionRule, dict[str, Any]]:
-    """(thresholds per kind, decision rule, validation figures) for the bundle's models."""
-    if not 0.0 < target_recall <= 1.0:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    labels = np.asarray([bool(s.label) for s in samples])
+def calibration_warnings(labels: np.ndarray, groups: Sequence[str], point: OperatingPoint) -> list[str]:
+    """What makes this operating point a rough guess or a useless one, in words for the report."""
     n_def, n_norm = int(labels.sum()), int((~labels).sum())
-    figures: dict[str, Any] = {"images": len(samples), "defective": n_def}
     warnings: list[str] = []
     if n_norm < MIN_NORMAL_IMAGES:
         warnings.append(
@@ -126,6 +122,34 @@ def calibrate(
             f"only {n_def} defective validation image(s): the recall of the operating point is a rough guess "
             f"(want >= {MIN_DEFECTIVE_IMAGES})"
         )
+    series = sorted(set(groups))
+    if len(series) < MIN_CALIBRATION_GROUPS:
+        warnings.append(
+            f"the operating point was set on {len(series)} series/part(s) ({', '.join(series)}); it may not "
+            f"transfer to parts or exposures unlike them (want >= {MIN_CALIBRATION_GROUPS}, covering every part "
+            "type the line runs)"
+        )
+    if n_norm and point.false_alarm_rate > MAX_FALSE_ALARM_RATE:
+        warnings.append(
+            f"at recall {point.recall:.2f} the decision flags {point.false_alarm_rate:.0%} of normal validation "
+            f"images: the models hardly separate good from defective parts on these series (more than "
+            f"{MAX_FALSE_ALARM_RATE:.0%}); train longer, add data, or lower --target-recall"
+        )
+    return warnings
+
+
+def calibrate(
+    outputs: Sequence[ModelOutputs],
+    samples: Sequence[Sample],
+    kinds: Sequence[str],
+    target_recall: float = DEFAULT_TARGET_RECALL,
+) -> tuple[dict[str, KindThresholds], DecisionRule, dict[str, Any]]:
+    """(thresholds per kind, decision rule, validation figures) for the bundle's models."""
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    labels = np.asarray([bool(s.label) for s in samples])
+    n_def = int(labels.sum())
+    figures: dict[str, Any] = {"images": len(samples), "defective": n_def}
     thresholds: dict[str, KindThresholds] = {}
     for kind in kinds:
         thresholds[kind], figures[kind] = EXPORT_KINDS[kind].calibrate(outputs, samples)
@@ -162,6 +186,7 @@ def calibrate(
     if not report:
         report = list(localisers)  # none localises yet: keep them all rather than hide every box
     figures["report_boxes_from"] = report
+    warnings = calibration_warnings(labels, [s.group for s in samples], best)
     figures["warnings"] = warnings
     for warning in warnings:
         logger.warning("calibration: %s", warning)

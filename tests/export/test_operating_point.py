@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lineside.export.calibrate import operating_point
+from lineside.export.calibrate import OperatingPoint, calibration_warnings, operating_point
 from lineside.export.metrics import auroc, false_alarm_levels
 
 
@@ -74,3 +74,38 @@ def test_without_normal_images_everything_is_flagged() -> None:
     point = operating_point({"m": np.array([0.2, 0.9])}, np.array([True, True]), ["m"], target_recall=0.98)
     assert point.recall == 1.0
     assert point.thresholds["m"] <= 0.2
+
+
+def _point(false_alarm_rate: float, recall: float = 1.0) -> OperatingPoint:
+    return OperatingPoint(["ssd"], {"ssd": 0.5}, 0.98, recall, false_alarm_rate, 0.5, 0.6)
+
+
+def test_a_well_covered_calibration_set_gets_no_warning() -> None:
+    labels = np.array([True] * 12 + [False] * 30)
+    groups = [f"S{i % 6}" for i in range(labels.size)]
+    assert calibration_warnings(labels, groups, _point(0.2)) == []
+
+
+def test_few_calibration_series_are_named_in_the_warning() -> None:
+    # the GDXray default split: 4 wheel series set the operating point for every part type
+    labels = np.array([True] * 45 + [False] * 103)
+    groups = ["C0010", "C0015", "C0026", "C0029"] * 37
+    (warning,) = calibration_warnings(labels, groups, _point(0.3))
+    assert "4 series/part(s) (C0010, C0015, C0026, C0029)" in warning and "want >= 5" in warning
+
+
+def test_an_operating_point_that_flags_most_good_parts_is_called_out() -> None:
+    labels = np.array([True] * 45 + [False] * 103)
+    groups = [f"S{i % 8}" for i in range(labels.size)]
+    (warning,) = calibration_warnings(labels, groups, _point(0.864))
+    assert "flags 86% of normal validation images" in warning and "--target-recall" in warning
+    # exactly at the limit is still a decision that separates something
+    assert calibration_warnings(labels, groups, _point(0.5)) == []
+
+
+def test_thin_validation_sets_warn_about_both_counts() -> None:
+    labels = np.array([True] * 3 + [False] * 4)
+    groups = [f"S{i}" for i in range(labels.size)]
+    warnings = calibration_warnings(labels, groups, _point(0.0))
+    assert len(warnings) == 2
+    assert "only 4 normal validation image(s)" in warnings[0] and "only 3 defective" in warnings[1]
