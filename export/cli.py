@@ -167,6 +167,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"@IoU.25 {point['box_recall_iou25']:.3f}; flag-everything image F1 {point['flag_everything_image_f1']:.3f}"
     )
     print("AUROC: " + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in auroc.items()))
+    print(f"{'per series':<12}{'images':>7}{'defective':>10}{'recall':>8}{'false al.':>10}{'AUROC':>7}{'avg F1':>8}")
+    for group, g in report["per_group"].items():
+        cells = [g[k] for k in ("recall", "false_alarm_rate", "auroc", "avg_f1")]
+        shown = "".join(
+            f"{'-' if v is None else format(v, '.3f'):>{w}}" for v, w in zip(cells, (8, 10, 7, 8), strict=True)
+        )
+        print(f"{group:<12}{g['images']:>7}{g['defective']:>10}{shown}")
     print(
         f"latency per image (models + post-processing): median {report['latency_ms']['median']:.1f} ms, "
         f"p99 {report['latency_ms']['p99']:.1f} ms on {', '.join(report['providers'])}"

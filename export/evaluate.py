@@ -67,6 +67,20 @@ def _evaluate(engine: InferenceEngine, test: Dataset) -> dict[str, Any]:
         "decision_score": metrics.auroc(fused, labels),
         **{kind: metrics.auroc([o.models[kind].score for o in outputs], labels) for kind in engine.manifest.models},
     }
+    groups = np.asarray([s.group for s in samples])
+    per_group = {}
+    for group in sorted(set(groups.tolist())):
+        at = groups == group
+        g_labels, g_decisions = labels[at], decisions[at]
+        g_evals = [e for e, here in zip(combined, at, strict=True) if here]
+        per_group[group] = {
+            "images": int(at.sum()),
+            "defective": int(g_labels.sum()),
+            "recall": float(np.mean(g_decisions[g_labels])) if g_labels.any() else None,
+            "false_alarm_rate": float(np.mean(g_decisions[~g_labels])) if (~g_labels).any() else None,
+            "auroc": metrics.auroc(fused[at], g_labels),
+            "avg_f1": metrics.study_table(g_evals).avg_f1 if g_labels.any() else None,
+        }
     ms = [o.timings_ms.get("models_total", 0.0) for o in outputs]
     return {
         "bundle_id": engine.manifest.bundle_id,
@@ -79,6 +93,7 @@ def _evaluate(engine: InferenceEngine, test: Dataset) -> dict[str, Any]:
         "decision_rule": engine.manifest.decision.defective_if_any,
         "auroc": auroc,
         "operating_point": operating,
+        "per_group": per_group,  # the decision per test series/part: where a figure comes from
         "latency_ms": {"median": float(np.median(ms)), "p99": float(np.percentile(ms, 99))},
         "methods": results,
     }

@@ -126,6 +126,13 @@ def test_evaluate_cli_prints_the_study_table_and_writes_json(
     assert 0.0 <= combined["study"]["avg_f1"] <= 1.0
     assert 0.0 <= combined["image"]["f1"] <= 1.0
     assert report["images"] > 0
+    # and the decision per test series adds up to the whole, each recall the series' own
+    per_group = report["per_group"]
+    assert set(per_group) == set(report["test_groups"]) and "per series" in proc.stdout
+    assert sum(g["images"] for g in per_group.values()) == report["images"]
+    assert sum(g["defective"] for g in per_group.values()) == report["defective_images"]
+    caught = sum(g["recall"] * g["defective"] for g in per_group.values() if g["defective"])
+    assert caught == pytest.approx(report["operating_point"]["recall"] * report["defective_images"])
 
 
 def test_train_cli_rejects_a_missing_dataset_path(tmp_path: Path) -> None:
