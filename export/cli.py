@@ -83,6 +83,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         simulate=getattr(args, "simulate", 0.0),
         copy_paste=getattr(args, "copy_paste", 0.0),
         imagenet=getattr(args, "imagenet", None),
+        zoom=getattr(args, "zoom", None) or (1.0, 1.0),
         minutes=args.minutes,
         resume=args.resume,
     )

@@ -6,6 +6,7 @@ and pass through the same windowing/normalisation (`agent.inference.preprocess`)
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,13 +85,41 @@ def _overlaps_any(boxes: np.ndarray, y: int, x: int, size: int, margin: int = 4)
     )
 
 
-class TileSampler:
-    """Random tiles: around a defect (positive) or away from every defect (negative)."""
+def parse_zoom(text: str) -> tuple[float, float]:
+    """'MIN,MAX' -> (MIN, MAX), 0 < MIN <= MAX; a clear error otherwise (argparse shows it)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"zoom must be MIN,MAX (e.g. 0.3,3), got {text!r}") from None
+    if not 0 < low <= high <= 16:
+        raise argparse.ArgumentTypeError(f"zoom needs 0 < MIN <= MAX <= 16, got {low:g},{high:g}")
+    return low, high
 
-    def __init__(self, images: list[LoadedImage], size: int, pad: float, rng: np.random.Generator) -> None:
+
+ZOOM_SHARE = 0.5  # of real tiles rescaled when zoom is on; the rest stay at the scale the device sees
+
+
+class TileSampler:
+    """Random tiles: around a defect (positive) or away from every defect (negative).
+
+    With `zoom` (MIN, MAX) != (1, 1), half of the real tiles are cut from a window 1/z times the tile
+    and resized to it, z log-uniform in [MIN, MAX] (boxes scaled with it): defects larger than a tile
+    (GDXray's validation series reach 300 px) fit into one, small ones are seen larger, and the
+    background is seen at the same scales, so a zoomed-out tile is not mistaken for a defect.
+    """
+
+    def __init__(
+        self,
+        images: list[LoadedImage],
+        size: int,
+        pad: float,
+        rng: np.random.Generator,
+        zoom: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
         self.size = size
         self.pad = pad
         self.rng = rng
+        self.zoom = zoom
         self.defective = [im for im in images if im.annotated and len(im.boxes)]
         # Unannotated images may hide defects: usable only where training is unsupervised.
         self.normal_sources = [im for im in images if im.annotated]
@@ -99,11 +128,22 @@ class TileSampler:
         self.extra_positives: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
         self.extra_share = 0.0
 
-    def _origin(self, im: LoadedImage) -> tuple[int, int]:
+    def _origin(self, im: LoadedImage, window: int) -> tuple[int, int]:
         h, w = im.unit.shape
-        return int(self.rng.integers(0, max(1, h - self.size + 1))), int(
-            self.rng.integers(0, max(1, w - self.size + 1))
-        )
+        return int(self.rng.integers(0, max(1, h - window + 1))), int(self.rng.integers(0, max(1, w - window + 1)))
+
+    def _scale(self) -> float:
+        """1.0, or (with zoom on, for ZOOM_SHARE of the tiles) a factor drawn log-uniformly from the range."""
+        low, high = self.zoom
+        if (low, high) == (1.0, 1.0) or self.rng.random() >= ZOOM_SHARE:
+            return 1.0
+        return float(np.exp(self.rng.uniform(np.log(low), np.log(high))))
+
+    def _resized(self, crop: np.ndarray) -> np.ndarray:
+        if crop.shape[0] == self.size:
+            return crop
+        shrink = crop.shape[0] > self.size
+        return cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
     def positive(self) -> tuple[np.ndarray, np.ndarray]:
         if self.extra_positives is not None and self.rng.random() < self.extra_share:
@@ -113,26 +153,31 @@ class TileSampler:
         im = self.defective[int(self.rng.integers(len(self.defective)))]
         box = im.boxes[int(self.rng.integers(len(im.boxes)))]
         h, w = im.unit.shape
-        s = self.size
         bw, bh = box[2] - box[0], box[3] - box[1]
-        # Any origin that keeps the box inside the tile (or centred when the box is larger).
+        scale = self._scale()
+        if scale != 1.0 and max(bw, bh) * scale > 0.9 * self.size and self.zoom[0] < 1.0:
+            scale = max(self.zoom[0], 0.9 * self.size / max(bw, bh))  # shrink a too-large defect into the tile
+        s = max(1, round(self.size / scale))  # the window cut from the image, resized to the tile
+        # Any origin that keeps the box inside the window (or centred when the box is larger).
         lo_x, hi_x = int(np.floor(box[2] - s)) if bw < s else int(box[0] + bw / 2 - s / 2), int(box[0])
         lo_y, hi_y = int(np.floor(box[3] - s)) if bh < s else int(box[1] + bh / 2 - s / 2), int(box[1])
         x = int(self.rng.integers(min(lo_x, hi_x), max(lo_x, hi_x) + 1))
         y = int(self.rng.integers(min(lo_y, hi_y), max(lo_y, hi_y) + 1))
         x = int(np.clip(x, 0, max(0, w - s)))
         y = int(np.clip(y, 0, max(0, h - s)))
-        return _cut(im.unit, y, x, s, self.pad), boxes_in_tile(im.boxes, y, x, s)
+        boxes = boxes_in_tile(im.boxes, y, x, s) * np.float32(self.size / s)
+        return self._resized(_cut(im.unit, y, x, s, self.pad)), boxes
 
     def negative(self, include_unannotated: bool = False) -> np.ndarray:
         sources = self.any_sources if include_unannotated else self.normal_sources
         if not sources:
             raise DatasetError("no usable defect-free image region in the training set")
+        s = max(1, round(self.size / self._scale()))
         for _ in range(50):
             im = sources[int(self.rng.integers(len(sources)))]
-            y, x = self._origin(im)
-            if not _overlaps_any(im.boxes, y, x, self.size):
-                return _cut(im.unit, y, x, self.size, self.pad)
+            y, x = self._origin(im, s)
+            if not _overlaps_any(im.boxes, y, x, s):
+                return self._resized(_cut(im.unit, y, x, s, self.pad))
         # Every try hit a defect: fall back to a tile of the least-defective image's corner.
         im = min(sources, key=lambda i: len(i.boxes))
         return _cut(im.unit, 0, 0, self.size, self.pad)

