@@ -249,6 +249,19 @@ def ssd_detections(
     not reached `max_detections` does the rest of each tile's pre-NMS top k follow (8.7 -> ~1.5 ms a
     GDXray frame of 12 tiles).
     """
+    # Non-finite heads (an fp16 engine can overflow) give NaN boxes: never reported, so no warnings either.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _detections(probs, deltas, anchors, post, layout, tile_hw)
+
+
+def _detections(
+    probs: np.ndarray,
+    deltas: np.ndarray,
+    anchors: np.ndarray,
+    post: SSDPost,
+    layout: Layout,
+    tile_hw: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
     n_tiles, n_anchors = probs.shape[:2]
     scores = np.ascontiguousarray(probs[:, :, 1])
     flat = scores.ravel()

@@ -10,6 +10,7 @@ heads from our export stage.
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,20 @@ def test_real_ssd_heads_from_the_test_bundle(test_bundle: Path) -> None:
     finally:
         engine.close()
     assert compared > 0
+
+
+def test_non_finite_heads_give_the_reference_detections() -> None:
+    """A GPU fp16 engine can overflow: NaN scores are never candidates, inf/NaN deltas never reported."""
+    rng = np.random.default_rng(11)
+    anchors = _anchors(rng, 900, 128)
+    post = SSDPost(anchors={"path": "anchors.npy", "sha256": "0" * 64})
+    layout = _layout(12, 128)
+    probs, deltas = _heads(rng, 12, 900)
+    probs[rng.random(probs.shape[:2]) < 0.02, 1] = np.nan
+    deltas[rng.random(deltas.shape[:2]) < 0.02, 2] = np.inf
+    deltas[rng.random(deltas.shape[:2]) < 0.02, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and quietly: a daemon's log must not fill with numpy warnings
+        boxes, scores = ssd_detections(probs, deltas, anchors, post, layout, (128, 128))
+    _assert_same((boxes, scores), reference_detections(probs, deltas, anchors, post, layout, (128, 128)))
+    assert np.all(np.isfinite(boxes)) and np.all(np.isfinite(scores)) and len(scores) > 0
