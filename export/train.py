@@ -27,6 +27,7 @@ from lineside.agent.bundle.manifest import Preprocessing, TrainingSummary
 from lineside.agent.errors import ExportError
 from lineside.export.data.base import Dataset
 from lineside.export.data.splits import Split
+from lineside.export.imagenet import imagenet_provenance
 from lineside.export.runs import PARAMS_FILE, TRAIN_FILE, EpochRecord, RunDataset, RunRecord
 from lineside.export.tiles import LoadedImage, intensity_stats
 
@@ -321,6 +322,7 @@ def write_run(
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
             "imagenet": opts.imagenet,
+            "imagenet_weights": imagenet_provenance(opts.imagenet) if opts.imagenet else None,
             "zoom": list(opts.zoom),
             "planned_epochs": opts.epochs,
             "minutes": opts.minutes,
