@@ -222,16 +222,21 @@ class BareBaseline:
         options = settings.session_options()
         options.log_severity_level = 3  # the engine's own sessions already logged any graph warnings
         self.calls: list[list[tuple[ort.InferenceSession, str, np.ndarray]]] = [[] for _ in images]
+        # Every model and its batch per frame, whatever the engine ran (bench-mxnet compares them all).
+        self.sessions: list[tuple[ort.InferenceSession, str]] = []
+        self.batches: list[list[np.ndarray]] = [[] for _ in images]
         self.tiles: dict[str, int] = {}
         ran = [set(engine.predict(image).model_scores) for image in images]
         for kind, spec in engine.manifest.models.items():
             path = engine.bundle.path(spec.file)
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.sessions.append((session, spec.input.name))
             builder = BatchBuilder(spec.preprocessing)
             for k, image in enumerate(images):
                 layout = layout_for(image.shape, spec.preprocessing)
                 batch = builder.build(windowed(image, spec.preprocessing), layout).copy()
                 self.tiles[kind] = batch.shape[0]
+                self.batches[k].append(batch)
                 if kind in ran[k]:
                     self.calls[k].append((session, spec.input.name, batch))
         self.models_per_frame = statistics.mean(len(c) for c in self.calls)
