@@ -60,8 +60,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int,
     """
     order = np.argsort(-scores, kind="stable")
     ordered = boxes[order]
-    x1, y1, x2, y2 = ordered[:, 0], ordered[:, 1], ordered[:, 2], ordered[:, 3]
-    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    areas = _areas(ordered)
     n = order.size
     suppressed = np.zeros(n, dtype=bool)
     keep: list[int] = []
@@ -70,11 +69,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int,
             break
         stop = min(n, start + block)
         rows, cols = slice(start, stop), slice(start, n)
-        iw = np.maximum(0.0, np.minimum(x2[rows, None], x2[None, cols]) - np.maximum(x1[rows, None], x1[None, cols]))
-        ih = np.maximum(0.0, np.minimum(y2[rows, None], y2[None, cols]) - np.maximum(y1[rows, None], y1[None, cols]))
-        inter = iw * ih
-        iou = inter / np.maximum(areas[rows, None] + areas[None, cols] - inter, 1e-9)
-        drop = ~(iou <= iou_threshold)  # not `>`: a NaN IoU suppresses, as it always has
+        drop = _iou_above(ordered[rows], areas[rows], ordered[cols], areas[cols], iou_threshold)
         tail = suppressed[start:]  # a view: marks later boxes (and decided earlier ones, harmlessly)
         for k in range(stop - start):
             if tail[k]:
@@ -84,6 +79,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int,
                 break
             tail |= drop[k]
     return order[np.asarray(keep, dtype=np.int64)]
+
+
+def _decode(deltas: np.ndarray, anchors: np.ndarray, stds: tuple[float, float, float, float]) -> np.ndarray:
+    """Box deltas against (cx, cy, w, h) anchors -> (K, 4) float32 x1, y1, x2, y2 (GluonCV's decoder)."""
+    s0, s1, s2, s3 = stds
+    cx = deltas[:, 0] * s0 * anchors[:, 2] + anchors[:, 0]
+    cy = deltas[:, 1] * s1 * anchors[:, 3] + anchors[:, 1]
+    hw = np.exp(deltas[:, 2] * s2) * anchors[:, 2] / 2
+    hh = np.exp(deltas[:, 3] * s3) * anchors[:, 3] / 2
+    return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
 
 
 def decode_ssd_tile(
@@ -97,14 +102,7 @@ def decode_ssd_tile(
     if candidates.size > post.pre_nms_top_k:
         top = np.argpartition(-scores[candidates], post.pre_nms_top_k - 1)[: post.pre_nms_top_k]
         candidates = np.sort(candidates[top])  # anchor order again: equal scores keep the lower anchor first
-    a = anchors[candidates]
-    d = deltas[candidates]
-    s0, s1, s2, s3 = post.box_stds
-    cx = d[:, 0] * s0 * a[:, 2] + a[:, 0]
-    cy = d[:, 1] * s1 * a[:, 3] + a[:, 1]
-    hw = np.exp(d[:, 2] * s2) * a[:, 2] / 2
-    hh = np.exp(d[:, 3] * s3) * a[:, 3] / 2
-    boxes = np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+    boxes = _decode(deltas[candidates], anchors[candidates], post.box_stds)
     tile_scores = scores[candidates].astype(np.float32)
     # Suppress before clipping, as GluonCV does, so both keep the same boxes.
     keep = nms(boxes, tile_scores, post.nms_iou, post.max_detections)
@@ -233,6 +231,8 @@ def _rank_in_group(groups: np.ndarray, n_groups: int) -> np.ndarray:
     return rank
 
 
+# Non-finite heads (an fp16 engine can overflow) give NaN boxes: never reported, so no warnings either.
+@np.errstate(invalid="ignore", over="ignore")
 def ssd_detections(
     probs: np.ndarray,
     deltas: np.ndarray,
@@ -249,19 +249,6 @@ def ssd_detections(
     not reached `max_detections` does the rest of each tile's pre-NMS top k follow (8.7 -> ~1.5 ms a
     GDXray frame of 12 tiles).
     """
-    # Non-finite heads (an fp16 engine can overflow) give NaN boxes: never reported, so no warnings either.
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _detections(probs, deltas, anchors, post, layout, tile_hw)
-
-
-def _detections(
-    probs: np.ndarray,
-    deltas: np.ndarray,
-    anchors: np.ndarray,
-    post: SSDPost,
-    layout: Layout,
-    tile_hw: tuple[int, int],
-) -> tuple[np.ndarray, np.ndarray]:
     n_tiles, n_anchors = probs.shape[:2]
     scores = np.ascontiguousarray(probs[:, :, 1])
     flat = scores.ravel()
@@ -271,16 +258,18 @@ def _detections(
     origins = np.asarray(layout.origins, dtype=np.float32)
     th, tw = tile_hw
     sh, sw = layout.scaled_shape
-    s0, s1, s2, s3 = post.box_stds
     cut = _first_cut(flat, FIRST_CHUNK)
+    above = flat > post.score_floor
     for chunk in (0, 1):
-        above = flat > post.score_floor
         if chunk == 0:
             idx = np.flatnonzero(above & (flat >= cut))
         else:  # the rest: at most each tile's remaining top k, by score
             rest = np.where(above & (flat < cut), flat, -np.inf).reshape(n_tiles, n_anchors)
-            k = min(top_k, n_anchors)
-            top = np.argpartition(-rest, k - 1, axis=1)[:, :k] if k < n_anchors else np.arange(n_anchors)[None]
+            top = (
+                np.argpartition(-rest, top_k - 1, axis=1)[:, :top_k]
+                if top_k < n_anchors
+                else np.arange(n_anchors)[None]
+            )
             top = np.sort(np.broadcast_to(top, (n_tiles, top.shape[1])), axis=1)
             idx = (top + (np.arange(n_tiles) * n_anchors)[:, None]).ravel()
             idx = idx[rest.ravel()[idx] > -np.inf]
@@ -291,13 +280,7 @@ def _detections(
         taken += np.bincount(tiles, minlength=n_tiles)
         tiles, anchor_ids, cand_scores = tiles[ok], anchor_ids[ok], flat[idx[ok]].astype(np.float32)
         if cand_scores.size:
-            a = anchors[anchor_ids]
-            d = deltas[tiles, anchor_ids]
-            cx = d[:, 0] * s0 * a[:, 2] + a[:, 0]
-            cy = d[:, 1] * s1 * a[:, 3] + a[:, 1]
-            hw = np.exp(d[:, 2] * s2) * a[:, 2] / 2
-            hh = np.exp(d[:, 3] * s3) * a[:, 3] / 2
-            tile_boxes = np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1).astype(np.float32)
+            tile_boxes = _decode(deltas[tiles, anchor_ids], anchors[anchor_ids], post.box_stds)
             image_boxes = tile_boxes.copy()
             image_boxes[:, [0, 2]] = np.clip(image_boxes[:, [0, 2]], 0, tw)
             image_boxes[:, [1, 3]] = np.clip(image_boxes[:, [1, 3]], 0, th)
