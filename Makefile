@@ -24,7 +24,7 @@ $(VENV)/.stamp: pyproject.toml
 $(AGENT_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(AGENT_VENV)
 	$(AGENT_VENV)/bin/pip install -q --upgrade pip
-	$(AGENT_VENV)/bin/pip install -q -e '.[agent,dev]'
+	$(AGENT_VENV)/bin/pip install -q -e '.[agent,dev,quantize]'
 	touch $@
 
 venv: $(VENV)/.stamp

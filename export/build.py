@@ -7,10 +7,8 @@ failed build never leaves a valid-looking bundle behind.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
-import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from lineside.export.calibrate import DEFAULT_TARGET_RECALL, calibrate
 from lineside.export.data.base import Dataset, Sample
 from lineside.export.models import EXPORT_KINDS
 from lineside.export.onnx_export import check_parity, export_block
+from lineside.export.pack import pack_bundle
 from lineside.export.train import read_run
 
 logger = logging.getLogger(__name__)
@@ -267,16 +266,9 @@ def build_bundle(opts: BuildOptions) -> Path:
         manifest.dump(tmp)
         verify_files(tmp, manifest)
         InferenceEngine(LoadedBundle(tmp, manifest), providers=["cpu"]).check_golden()
-        archive_tmp = out.parent / f".{out.name}.tar.gz.tmp"
-        with tarfile.open(archive_tmp, "w:gz") as tar:
-            tar.add(tmp, arcname=out.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        os.replace(archive_tmp, out.parent / f"{out.name}.tar.gz")
+        pack_bundle(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        (out.parent / f".{out.name}.tar.gz.tmp").unlink(missing_ok=True)
         raise
     logger.info("bundle %s version %s written to %s", manifest.bundle_id, manifest.version, out)
     return out

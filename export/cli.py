@@ -1,5 +1,5 @@
 """`lineside-export`: synth, train-all, train-vae, train-ssd, train-classifier, build, evaluate, simulate-preview,
-keygen, publish, bench-mxnet."""
+keygen, publish, quantize, bench-mxnet."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         init_from=Path(args.init_from) if getattr(args, "init_from", None) else None,
         simulate=getattr(args, "simulate", 0.0),
         copy_paste=getattr(args, "copy_paste", 0.0),
+        sim_px_per_mm=getattr(args, "sim_px_per_mm", None),
         imagenet=getattr(args, "imagenet", None),
         zoom=getattr(args, "zoom", None) or (1.0, 1.0),
         minutes=args.minutes,
@@ -231,6 +232,33 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lineside.export.quantize import QuantizeOptions, quantize_bundle
+
+    summary = quantize_bundle(
+        QuantizeOptions(
+            bundle=Path(args.bundle),
+            out=Path(args.out),
+            models=args.models,
+            images=args.images,
+            max_tiles=args.max_tiles,
+            calibration=args.calibration,
+            version=args.version,
+            force=args.force,
+        )
+    )
+    for kind, q in summary["models"].items():
+        diffs = ", ".join(f"{name} {value:.4g}" for name, value in q["max_abs_diff"].items())
+        print(f"{kind}: INT8 on {q['tiles']} tiles; max |fp32 - int8|: {diffs}; image score {q['max_score_diff']:.4g}")
+    print(
+        f"verdicts: {summary['verdict_flips']} of {summary['frames']} calibration frames differ from the float32 "
+        f"bundle ({summary['real_frames']} real); bundle {summary['version']} written: {args.out} and {args.out}.tar.gz"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from lineside.export.publish import publish
 
@@ -275,6 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", help="private key from keygen; without it the pointer is unsigned")
     p.add_argument("--endpoint-url", help="S3-compatible store (MinIO...); default $AWS_ENDPOINT_URL or AWS")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser(
+        "quantize",
+        help="INT8 copy of a bundle (ONNX Runtime static quantisation; agent environment + quantize extra)",
+    )
+    p.add_argument("--bundle", required=True, help="the float32 bundle (folder or .tar.gz)")
+    p.add_argument("--out", required=True, help="folder to write the INT8 bundle to (+ .tar.gz)")
+    p.add_argument("--models", type=lambda t: [k for k in t.split(",") if k], help="e.g. ssd,vae (default: all)")
+    p.add_argument(
+        "--images", type=Path, action="append", default=[], metavar="PATH",
+        help="radiographs of the line (files or folders; repeatable) to calibrate the activation ranges on, "
+        "beside the bundle's golden images",
+    )  # fmt: skip
+    p.add_argument("--max-tiles", type=int, default=512, help="calibration tiles per model (default 512)")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    p.add_argument("--version", help="version of the new bundle (default: the float32 one's + '-int8')")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", help="write the summary here")
+    p.set_defaults(func=cmd_quantize)
 
     try:
         from lineside.export.models import EXPORT_KINDS  # imports MXNet

@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from lineside.agent.bundle.schema import FileRef, ParityReport, Preprocessing, Strict, TensorSpec, TrainingSummary
+from lineside.agent.bundle.schema import (
+    FileRef,
+    ParityReport,
+    Preprocessing,
+    QuantizationReport,
+    Strict,
+    TensorSpec,
+    TrainingSummary,
+)
 from lineside.agent.errors import BundleError
 from lineside.agent.models import MODEL_KINDS, ModelKindName, PostUnion, ThresholdsUnion
 
@@ -28,6 +36,7 @@ __all__ = [
     "ModelSpec",
     "ParityReport",
     "Preprocessing",
+    "QuantizationReport",
     "TensorSpec",
     "TrainingSummary",
 ]
@@ -50,6 +59,7 @@ class ModelSpec(Strict):
     thresholds: ThresholdsUnion = Field(description="Calibrated on held-out series (see docs/evaluation.md).")
     training: TrainingSummary | None = None
     parity: ParityReport
+    quantization: QuantizationReport | None = Field(default=None, description="Set when the graph is INT8.")
 
     @model_validator(mode="after")
     def _kinds_agree(self) -> ModelSpec:

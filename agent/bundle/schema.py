@@ -86,3 +86,22 @@ class TrainingSummary(Strict):
     final_train_loss: float | None = None
     final_val_loss: float | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class QuantizationReport(Strict):
+    """How an INT8 model was made from the exported float32 one (`lineside-export quantize`), and how close it is.
+
+    `parity` of the model entry stays the float32 export's (MXNet vs ONNX Runtime); this records the second step.
+    """
+
+    method: str = Field(description="e.g. 'static QDQ: weights int8 per channel, activations uint8'.")
+    calibration: Literal["minmax", "percentile", "entropy"]
+    tiles: int = Field(description="Input tiles the activation ranges were calibrated on.")
+    frames: int = Field(description="Images those tiles came from.")
+    real_frames: int = Field(description="Of those, images given with --images (the rest: the golden images).")
+    fp32_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The float32 model it was made from.")
+    tool: str = Field(description="e.g. 'onnxruntime 1.31.1, onnx 1.23.2'.")
+    max_abs_diff: dict[str, float] = Field(description="Per output: max |float32 - int8| on the calibration tiles.")
+    frames_compared: int = Field(description="Images both bundles judged (calibration frames).")
+    verdict_flips: int = Field(description="Of those, images whose verdict differs from the float32 bundle's.")
+    max_score_diff: float = Field(description="Max |float32 - int8| of this model's image score on those images.")

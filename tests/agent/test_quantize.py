@@ -1,0 +1,180 @@
+"""`lineside-export quantize`: an INT8 copy of a real bundle that the agent proves like any other.
+
+ONNX Runtime's quantisation tools need onnx >= 1.16, which only the agent environment (with the quantize
+extra) has; in the export environment (onnx 1.14 for MXNet) the command must say so instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lineside.agent.bundle.loader import load_bundle, sha256_file
+from lineside.agent.errors import BundleError, ExportError
+from lineside.agent.imaging import read_image
+from lineside.agent.inference.engine import InferenceEngine
+from lineside.export.quantize import MIN_ONNX, QuantizeOptions, quantize_bundle
+
+
+def _onnx_version() -> tuple[int, ...] | None:
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return tuple(int(p) for p in onnx.__version__.split(".")[:2])
+
+
+HAS_TOOLS = (_onnx_version() or (0,)) >= MIN_ONNX
+needs_tools = pytest.mark.skipif(not HAS_TOOLS, reason="needs onnx >= 1.16 (the agent environment's quantize extra)")
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(test_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    if not HAS_TOOLS:
+        pytest.skip("needs onnx >= 1.16 (the agent environment's quantize extra)")
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    summary = quantize_bundle(QuantizeOptions(bundle=test_bundle, out=out, images=[test_bundle / "golden"]))
+    return out, summary
+
+
+@needs_tools
+def test_the_int8_bundle_is_verified_and_proves_its_golden_images(int8_bundle: tuple[Path, dict], test_bundle: Path):
+    # given the test bundle quantised (every model), calibrated on its golden images given as --images too
+    out, summary = int8_bundle
+    source = load_bundle(test_bundle).manifest
+
+    # when the agent loads it the way a station does (sha256 of every file, golden images replayed)
+    engine = InferenceEngine.load(out, providers=["cpu"])
+    manifest = engine.manifest
+
+    # then it is a new bundle of int8 graphs that records where each came from; the decision is unchanged
+    assert manifest.bundle_id != source.bundle_id and manifest.version == f"{source.version}-int8"
+    assert manifest.decision == source.decision
+    for kind, spec in manifest.models.items():
+        import onnx
+
+        graph = onnx.load(str(out / spec.file.path)).graph
+        ops = {n.op_type for n in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, kind
+        assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer), kind
+        q = spec.quantization
+        assert q is not None and q.fp32_sha256 == source.models[kind].file.sha256
+        assert q.frames == 2 * len(source.golden) and q.real_frames == len(source.golden)
+        assert spec.thresholds == source.models[kind].thresholds
+        assert set(q.max_abs_diff) == {o.name for o in spec.outputs}
+        assert not (out / source.models[kind].file.path).exists()  # the float32 graph is not shipped
+    assert summary["verdict_flips"] == 0
+    # and the archive beside it is the same bundle
+    assert load_bundle(out.parent / "bundle.tar.gz").manifest.bundle_id == manifest.bundle_id
+    engine.close()
+
+
+@needs_tools
+def test_int8_scores_stay_close_to_float32_on_every_golden_image(int8_bundle: tuple[Path, dict], test_bundle: Path):
+    # given both bundles
+    out, _ = int8_bundle
+    fp32, int8 = InferenceEngine.load(test_bundle), InferenceEngine.load(out)
+
+    # when both judge the golden images
+    for golden in fp32.manifest.golden:
+        image = read_image(test_bundle / golden.file.path)
+        a, b = fp32.decide(fp32.analyze(image)), int8.decide(int8.analyze(image))
+
+        # then each model's image score moves by little, and the verdict not at all
+        assert a.is_defective == b.is_defective
+        for kind, score in a.model_scores.items():
+            assert abs(score - b.model_scores[kind]) < 0.05 * max(1.0, abs(score)), (golden.file.path, kind)
+    # and the recorded figure is the one measured
+    recorded = max(s.quantization.max_score_diff for s in int8.manifest.models.values())  # type: ignore[union-attr]
+    assert 0 < recorded < 0.05 * max(1.0, max(abs(v) for g in fp32.manifest.golden for v in g.expected_scores.values()))
+
+
+@needs_tools
+def test_a_tampered_int8_graph_is_refused_like_any_bundle_file(int8_bundle: tuple[Path, dict], tmp_path: Path):
+    out, _ = int8_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    graph = copy / "ssd.int8.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"ssd\.int8\.onnx: sha256"):
+        load_bundle(copy)
+
+
+@needs_tools
+def test_only_the_models_asked_for_are_quantised(test_bundle: Path, tmp_path: Path):
+    out = tmp_path / "ssd-only"
+    quantize_bundle(QuantizeOptions(bundle=test_bundle, out=out, models=["ssd"]))
+    manifest = load_bundle(out).manifest
+    assert manifest.models["ssd"].quantization is not None
+    assert manifest.models["vae"].quantization is None and manifest.models["classifier"].quantization is None
+    assert sha256_file(out / "vae.onnx") == load_bundle(test_bundle).manifest.models["vae"].file.sha256
+
+
+@needs_tools
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": ["ssd", "detr"]}, r"--models names \['detr'\]"),
+        ({"images": [Path("/nonexistent/frames")]}, "/nonexistent/frames: no such file or folder"),
+        ({"max_tiles": 0}, "--max-tiles must be at least 1"),
+    ],
+)
+def test_bad_options_get_an_error_naming_them(test_bundle: Path, tmp_path: Path, change: dict, message: str):
+    with pytest.raises(ExportError, match=message):
+        quantize_bundle(QuantizeOptions(bundle=test_bundle, out=tmp_path / "b", **change))
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
+
+
+@needs_tools
+def test_an_undecodable_calibration_image_is_named(test_bundle: Path, tmp_path: Path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ExportError, match=r"cut\.png"):
+        quantize_bundle(QuantizeOptions(bundle=test_bundle, out=tmp_path / "b", images=[frames]))
+
+
+@needs_tools
+def test_an_int8_bundle_is_not_quantised_twice_and_out_is_not_overwritten(
+    int8_bundle: tuple[Path, dict], tmp_path: Path
+):
+    out, _ = int8_bundle
+    with pytest.raises(ExportError, match="INT8 already"):
+        quantize_bundle(QuantizeOptions(bundle=out, out=tmp_path / "again"))
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        quantize_bundle(QuantizeOptions(bundle=out, out=out))
+
+
+@needs_tools
+def test_the_command_prints_the_differences_and_writes_json(test_bundle: Path, tmp_path: Path):
+    out, report = tmp_path / "b", tmp_path / "q.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "lineside.export.cli", "quantize", "--bundle", str(test_bundle), "--out", str(out),
+         "--models", "ssd", "--json", str(report)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ssd: INT8 on" in done.stdout and "max |fp32 - int8|: class_probs" in done.stdout
+    summary = json.loads(report.read_text())
+    assert set(summary["models"]) == {"ssd"} and summary["models"]["ssd"]["tiles"] > 0
+    assert np.isfinite(summary["models"]["ssd"]["max_abs_diff"]["box_deltas"])
+
+
+@pytest.mark.skipif(HAS_TOOLS, reason="this environment has the quantisation tools")
+def test_without_the_tools_the_command_says_which_environment_to_use(test_bundle: Path, tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lineside.export.cli", "quantize", "--bundle", str(test_bundle), "--out",
+         str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "needs onnx >= 1.16" in done.stderr and "pip install '.[agent,quantize]'" in done.stderr
+    assert not (tmp_path / "b").exists()
