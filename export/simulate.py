@@ -42,7 +42,9 @@ KINDS: tuple[DefectKind, ...] = ("pore", "shrinkage", "crack", "inclusion")
 class SimConfig:
     """Ranges the simulator draws from (uniform unless said otherwise)."""
 
-    px_per_mm: tuple[float, float] = (2.5, 3.5)  # GDXray wheels: 10-40 px defects of a few mm
+    # Geometric magnification, log-uniform. GDXray wheels: 10-40 px defects of a few mm; a wider range teaches the
+    # detector the same defects at the sizes another line's magnification (or a larger void) gives.
+    px_per_mm: tuple[float, float] = (2.5, 3.5)
     pore_semi_axis_mm: tuple[float, float] = (1.2, 6.0)  # log-uniform; 3-D pores are roughly round
     mu_void: tuple[float, float] = (0.03, 0.09)  # 1/mm, effective after the detector's response
     mu_inclusion: tuple[float, float] = (0.01, 0.04)  # extra attenuation of the denser material
@@ -148,11 +150,12 @@ def random_defect(rng: np.random.Generator, config: SimConfig, kind: DefectKind 
     if kind is None:
         w = np.asarray(config.kind_weights, float)
         kind = KINDS[int(rng.choice(len(KINDS), p=w / w.sum()))]
-    ppm = float(rng.uniform(*config.px_per_mm))
     lo, hi = config.pore_semi_axis_mm
 
     def log_uniform(a: float, b: float) -> float:
         return float(np.exp(rng.uniform(np.log(a), np.log(b))))
+
+    ppm = log_uniform(*config.px_per_mm)
 
     parts: list[Ellipsoid] = []
     if kind in ("pore", "inclusion"):

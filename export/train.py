@@ -29,6 +29,7 @@ from lineside.export.data.base import Dataset
 from lineside.export.data.splits import Split
 from lineside.export.imagenet import imagenet_provenance
 from lineside.export.runs import PARAMS_FILE, TRAIN_FILE, EpochRecord, RunDataset, RunRecord
+from lineside.export.simulate import SimConfig
 from lineside.export.tiles import LoadedImage, intensity_stats
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,16 @@ class TrainOptions:
     init_from: Path | None = None  # continue from an earlier run of the same kind and architecture
     simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
     copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
+    sim_px_per_mm: tuple[float, float] | None = None  # simulator magnification range; None: SimConfig's default
     imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
     zoom: tuple[float, float] = (1.0, 1.0)  # SSD: real tiles rescaled by a factor in this range (export.tiles)
     minutes: float | None = None  # wall-clock budget for this model, all sessions together; None: epochs only
     resume: bool = False  # continue the run in `out` (weights, optimiser state, history, time spent)
+
+
+def sim_config(opts: TrainOptions) -> SimConfig:
+    """The simulator's ranges for this run: the defaults, with the magnification asked for."""
+    return SimConfig(px_per_mm=opts.sim_px_per_mm) if opts.sim_px_per_mm else SimConfig()
 
 
 TRAINER_FILE = "trainer.states"  # optimiser state and step count, for --resume
@@ -321,6 +328,7 @@ def write_run(
             "learning_rate": opts.learning_rate,
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
+            "sim_px_per_mm": list(sim_config(opts).px_per_mm),
             "imagenet": opts.imagenet,
             "imagenet_weights": imagenet_provenance(opts.imagenet) if opts.imagenet else None,
             "zoom": list(opts.zoom),

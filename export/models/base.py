@@ -46,6 +46,22 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
         "--copy-paste", type=float, default=0.0, metavar="SHARE",
         help="share of the simulated tiles made by pasting real training defects instead of physics",
     )  # fmt: skip
+    parser.add_argument(
+        "--sim-px-per-mm", type=parse_px_per_mm, metavar="MIN,MAX",
+        help="geometric magnification of simulated defects, pixels per mm, drawn log-uniformly (default 2.5,3.5: "
+        "GDXray wheels, 6-60 px boxes; 2.5,10 also draws defects up to ~150 px)",
+    )  # fmt: skip
+
+
+def parse_px_per_mm(text: str) -> tuple[float, float]:
+    """'MIN,MAX' -> (MIN, MAX) pixels per mm, 0.5 <= MIN <= MAX <= 40; a clear error otherwise."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sim-px-per-mm must be MIN,MAX (e.g. 2.5,10), got {text!r}") from None
+    if not 0.5 <= low <= high <= 40:
+        raise argparse.ArgumentTypeError(f"--sim-px-per-mm needs 0.5 <= MIN <= MAX <= 40, got {low:g},{high:g}")
+    return low, high
 
 
 class ExportKind(ABC):

@@ -18,6 +18,7 @@ from lineside.export.simulate import (
     chord_length_mm,
     cut_residual,
     paste,
+    random_defect,
     random_rotation,
     render,
     simulate,
@@ -221,3 +222,29 @@ def test_simulation_on_real_gdxray_normal_finds_the_part(gdxray_root):
     assert len(boxes) >= 1
     sides = np.concatenate([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
     assert sides.min() >= 6 and sides.max() <= 80
+
+
+def test_magnification_scales_the_drawn_defects_and_bounds_them():
+    # given the default magnification and one four times larger (a line with more geometric magnification)
+    near, far = SimConfig(), SimConfig(px_per_mm=(10.0, 14.0))
+
+    # when many defects are drawn from each
+    def sizes(config: SimConfig) -> np.ndarray:
+        rng = np.random.default_rng(5)
+        return np.asarray([random_defect(rng, config).radius_px() for _ in range(400)])
+
+    # then the median size grows with the magnification, and every draw stays within its range
+    ratio = np.median(sizes(far)) / np.median(sizes(near))
+    assert 3.0 < ratio < 5.5
+    rng = np.random.default_rng(9)
+    assert all(10.0 <= random_defect(rng, far).px_per_mm <= 14.0 for _ in range(200))
+
+
+@pytest.mark.parametrize("text", ["3,1", "0.1,2", "2", "a,b", "2,50"])
+def test_a_bad_magnification_range_is_refused_naming_the_flag(text: str):
+    import argparse
+
+    from lineside.export.models.base import parse_px_per_mm
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--sim-px-per-mm"):
+        parse_px_per_mm(text)

@@ -31,6 +31,7 @@ from lineside.export.train import (
     resume_run,
     run_loop,
     seed_everything,
+    sim_config,
     split_load,
     write_run,
     zoo,
@@ -75,7 +76,8 @@ class ClassifierKind(ExportKind):
         val_images = load_images(val, probe, "classifier val")
         prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
         sampler = TileSampler(train_images, size, prep.mean, rng)
-        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
+        # Training split only: validation and test images never feed the simulator.
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, sim_config(opts))
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if opts.pretrained:
             net = zoo(lambda: build_classifier(backbone, pretrained=True), backbone)

@@ -36,6 +36,7 @@ from lineside.export.train import (
     resume_run,
     run_loop,
     seed_everything,
+    sim_config,
     split_load,
     write_run,
     zoo,
@@ -196,7 +197,8 @@ class SSDKind(ExportKind):
             update={"tile_overlap": 32 if preset.mode == "tile" else 0}
         )
         sampler = TileSampler(train_images, size, prep.mean, rng, zoom=opts.zoom)
-        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed)  # training split only
+        # Training split only: validation and test images never feed the simulator.
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, sim_config(opts))
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
             raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
