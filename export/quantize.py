@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 Calibration = Literal["minmax", "percentile", "entropy"]
 MIN_ONNX = (1, 16)
 CHUNK = 16  # tiles per calibration batch
+REWRITE_TOLERANCE = 1e-4  # float32 rounding of the phase-convolution rewrite, relative to the output's range
 METHOD = "static QDQ: weights int8 per output channel, activations uint8"
 
 
@@ -136,21 +137,33 @@ def _tiles(engine: InferenceEngine, frames: list[np.ndarray], kind: str, max_til
     return tiles
 
 
-def _quantize_model(tools: Any, src: Path, dst: Path, input_name: str, tiles: np.ndarray, how: Calibration) -> None:
+def _quantize_model(tools: Any, src: Path, dst: Path, input_name: str, tiles: np.ndarray, how: Calibration) -> int:
+    """Quantise `src` into `dst`; returns how many ConvTranspose layers became phase convolutions first."""
+    import onnx
+    import onnxruntime as ort
+
+    from lineside.export.phase_convs import deconv_as_phase_convs
+
     method = {
         "minmax": tools.CalibrationMethod.MinMax,
         "percentile": tools.CalibrationMethod.Percentile,
         "entropy": tools.CalibrationMethod.Entropy,
     }[how]
     with tempfile.TemporaryDirectory(prefix="lineside-quantize-") as work:
+        source = src
+        model, rewritten = deconv_as_phase_convs(onnx.load(str(src)))
+        if rewritten:
+            source = Path(work) / "phase.onnx"
+            onnx.save(model, str(source))
+            _check_same_function(ort, src, source, input_name, tiles[:CHUNK])
         pre = Path(work) / "pre.onnx"
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            quant_pre_process(str(src), str(pre))
+            quant_pre_process(str(source), str(pre))
         except Exception as err:  # shape inference can fail on unusual graphs; quantisation works without it
             logger.warning("quantize: pre-processing %s failed (%s); quantising the graph as exported", src.name, err)
-            shutil.copy2(src, pre)
+            shutil.copy2(source, pre)
         tools.quantize_static(
             str(pre),
             str(dst),
@@ -161,6 +174,17 @@ def _quantize_model(tools: Any, src: Path, dst: Path, input_name: str, tiles: np
             weight_type=tools.QuantType.QInt8,
             calibrate_method=method,
         )
+    return rewritten
+
+
+def _check_same_function(ort: Any, original: Path, rewritten: Path, input_name: str, tiles: np.ndarray) -> None:
+    """The rewritten float32 graph must compute what the exported one does (only rounding may differ)."""
+    a = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).run(None, {input_name: tiles})
+    b = ort.InferenceSession(str(rewritten), providers=["CPUExecutionProvider"]).run(None, {input_name: tiles})
+    for x, y in zip(a, b, strict=True):
+        worst = float(np.max(np.abs(x - y)))
+        if worst > REWRITE_TOLERANCE * max(1.0, float(np.max(np.abs(x)))):
+            raise ExportError(f"{original.name}: the phase-convolution rewrite differs by {worst:g} in float32 (a bug)")
 
 
 def _max_abs_diff(fp32: InferenceEngine, int8: InferenceEngine, kind: str, tiles: np.ndarray) -> dict[str, float]:
@@ -269,6 +293,7 @@ def _write(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(loaded.path(ref), target)
     tiles: dict[str, np.ndarray] = {}
+    phase: dict[str, int] = {}
     models = dict(manifest.models)
     for kind in kinds:
         spec = manifest.models[kind]
@@ -277,7 +302,9 @@ def _write(
         logger.info(
             "quantize: %s on %d tiles from %d frames (%s)", kind, len(tiles[kind]), len(frames), opts.calibration
         )
-        _quantize_model(tools, loaded.path(spec.file), dst, spec.input.name, tiles[kind], opts.calibration)
+        phase[kind] = _quantize_model(
+            tools, loaded.path(spec.file), dst, spec.input.name, tiles[kind], opts.calibration
+        )
         models[kind] = spec.model_copy(
             update={
                 "file": FileRef(path=dst.name, sha256=sha256_file(dst)),
@@ -309,6 +336,7 @@ def _write(
             update={
                 "quantization": QuantizationReport(
                     method=METHOD,
+                    phase_convs=phase[kind],
                     calibration=opts.calibration,
                     tiles=len(tiles[kind]),
                     frames=len(frames),

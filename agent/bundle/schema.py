@@ -96,6 +96,9 @@ class QuantizationReport(Strict):
 
     method: str = Field(description="e.g. 'static QDQ: weights int8 per channel, activations uint8'.")
     calibration: Literal["minmax", "percentile", "entropy"]
+    phase_convs: int = Field(
+        default=0, description="ConvTranspose layers rewritten (exactly) as phase convolutions, which quantise."
+    )
     tiles: int = Field(description="Input tiles the activation ranges were calibrated on.")
     frames: int = Field(description="Images those tiles came from.")
     real_frames: int = Field(description="Of those, images given with --images (the rest: the golden images).")

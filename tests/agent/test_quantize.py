@@ -178,3 +178,76 @@ def test_without_the_tools_the_command_says_which_environment_to_use(test_bundle
     assert done.returncode != 0
     assert "needs onnx >= 1.16" in done.stderr and "pip install '.[agent,quantize]'" in done.stderr
     assert not (tmp_path / "b").exists()
+
+
+def _tiny_deconv_graph(bn: bool, **attrs: object):
+    """image (N, 3, 6, 5) -> ConvTranspose (3 -> 4 channels) [-> BatchNormalization] -> out."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    conv = {"kernel_shape": [4, 4], "strides": [2, 2], "pads": [1, 1, 1, 1], **attrs}
+    k = conv["kernel_shape"][0]  # type: ignore[index]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(3, 4, k, k)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b"),
+    ]
+    nodes = [helper.make_node("ConvTranspose", ["image", "w", "b"], ["up" if bn else "out"], **conv)]
+    if bn:
+        for name, value in [("g", rng.uniform(0.5, 2, 4)), ("be", rng.normal(size=4)), ("m", rng.normal(size=4)),
+                            ("v", rng.uniform(0.1, 3, 4))]:  # fmt: skip
+            inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        nodes.append(helper.make_node("BatchNormalization", ["up", "g", "be", "m", "v"], ["out"], epsilon=1e-3))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [None, 3, 6, 5])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _run(model, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x})[0]
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_phase_convolutions_compute_the_transposed_convolution(bn: bool):
+    from lineside.export.phase_convs import deconv_as_phase_convs
+
+    # given a stride-2 kernel-4 ConvTranspose with bias (and a BatchNormalization after it)
+    model = _tiny_deconv_graph(bn)
+    x = np.random.default_rng(3).normal(size=(2, 3, 6, 5)).astype(np.float32)
+
+    # when it is rewritten
+    rewritten, count = deconv_as_phase_convs(model)
+
+    # then no ConvTranspose (nor BatchNormalization) is left, and the outputs agree to float rounding
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert count == 1 and "ConvTranspose" not in ops and "BatchNormalization" not in ops
+    assert ops.count("Conv") == 4 and "DepthToSpace" in ops
+    expected, got = _run(model, x), _run(rewritten, x)
+    assert got.shape == expected.shape == (2, 4, 12, 10)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_other_transposed_convolutions_are_left_alone():
+    from lineside.export.phase_convs import deconv_as_phase_convs
+
+    model = _tiny_deconv_graph(False, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    rewritten, count = deconv_as_phase_convs(model)
+    assert count == 0 and [n.op_type for n in rewritten.graph.node] == ["ConvTranspose"]
+
+
+@needs_tools
+def test_the_int8_vae_has_no_float_transposed_convolution_left(int8_bundle: tuple[Path, dict]):
+    import onnx
+
+    out, summary = int8_bundle
+    graph = onnx.load(str(out / "vae.int8.onnx")).graph
+    assert "ConvTranspose" not in {n.op_type for n in graph.node}
+    assert summary["models"]["vae"]["phase_convs"] == 4 and summary["models"]["ssd"]["phase_convs"] == 0
