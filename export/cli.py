@@ -316,8 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="radiographs of the line (files or folders; repeatable) to calibrate the activation ranges on, "
         "beside the bundle's golden images",
     )  # fmt: skip
-    p.add_argument("--max-tiles", type=int, default=512, help="calibration tiles per model (default 512)")
-    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    p.add_argument(
+        "--max-tiles", type=int, default=64,
+        help="calibration tiles per model (default 64; percentile and entropy need ~20 MB of memory per SSD tile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", choices=["minmax", "percentile", "entropy"], default="percentile",
+        help="how activation ranges are set (default percentile; minmax needs little memory)",
+    )  # fmt: skip
     p.add_argument("--version", help="version of the new bundle (default: the float32 one's + '-int8')")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", help="write the summary here")
