@@ -245,8 +245,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             version=args.version,
             force=args.force,
+            allow_golden_flips=args.allow_golden_flips,
         )
     )
+    for flip in summary["golden_flips"]:
+        print(f"warning: golden verdict flipped by INT8: {flip}", file=sys.stderr)
     for kind, q in summary["models"].items():
         diffs = ", ".join(f"{name} {value:.4g}" for name, value in q["max_abs_diff"].items())
         print(f"{kind}: INT8 on {q['tiles']} tiles; max |fp32 - int8|: {diffs}; image score {q['max_score_diff']:.4g}")
@@ -326,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--version", help="version of the new bundle (default: the float32 one's + '-int8')")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--allow-golden-flips", action="store_true",
+        help="write the bundle even when INT8 flips a golden image's verdict (recorded; judge it with evaluate)",
+    )  # fmt: skip
     p.add_argument("--json", help="write the summary here")
     p.set_defaults(func=cmd_quantize)
 

@@ -68,6 +68,7 @@ class QuantizeOptions:
     version: str | None = None  # default: the float32 bundle's version + "-int8"
     force: bool = False
     seed: int = 0
+    allow_golden_flips: bool = False  # record a golden verdict that INT8 flips instead of refusing the bundle
 
 
 def quantization_tools() -> Any:
@@ -200,8 +201,10 @@ def _max_abs_diff(fp32: InferenceEngine, int8: InferenceEngine, kind: str, tiles
     return worst
 
 
-def _golden(engine: InferenceEngine, loaded: LoadedBundle, reference: dict[str, Prediction]) -> list[GoldenImage]:
-    """The golden images with what the INT8 models say; refused when one flips the float32 verdict."""
+def _golden(
+    engine: InferenceEngine, loaded: LoadedBundle, reference: dict[str, Prediction], allow_flips: bool
+) -> tuple[list[GoldenImage], list[str]]:
+    """The golden images with what the INT8 models say, and the flipped verdicts (refused unless allowed)."""
     out, flips = [], []
     for golden in loaded.manifest.golden:
         prediction = engine.decide(engine.analyze(read_image(loaded.path(golden.file))))
@@ -219,9 +222,14 @@ def _golden(engine: InferenceEngine, loaded: LoadedBundle, reference: dict[str, 
                 }
             )
         )
-    if flips:
-        raise ExportError("INT8 models flip the verdict on golden images (refused): " + "; ".join(flips))
-    return out
+    if flips and not allow_flips:
+        raise ExportError(
+            "INT8 models flip the verdict on golden images (refused; --allow-golden-flips writes the bundle "
+            "anyway, for `evaluate` to judge on real images): " + "; ".join(flips)
+        )
+    for flip in flips:
+        logger.warning("quantize: golden verdict flipped (allowed): %s", flip)
+    return out, flips
 
 
 def quantize_bundle(opts: QuantizeOptions) -> dict[str, Any]:
@@ -327,7 +335,7 @@ def _write(
     draft.dump(tmp)
     int8 = InferenceEngine(LoadedBundle(tmp, draft), providers=["cpu"])
     reference = {g.file.path: fp32.decide(fp32.analyze(read_image(loaded.path(g.file)))) for g in manifest.golden}
-    golden = _golden(int8, loaded, reference)
+    golden, golden_flips = _golden(int8, loaded, reference, opts.allow_golden_flips)
     # Both bundles on every calibration frame: verdict flips and image-score differences per model.
     flips, score_diff = 0, dict.fromkeys(kinds, 0.0)
     for frame in frames:
@@ -350,6 +358,7 @@ def _write(
                     max_abs_diff=_max_abs_diff(fp32, int8, kind, tiles[kind]),
                     frames_compared=len(frames),
                     verdict_flips=int(flips),
+                    golden_flips=len(golden_flips),
                     max_score_diff=score_diff[kind],
                 )
             }
@@ -365,5 +374,6 @@ def _write(
         "frames": len(frames),
         "real_frames": real,
         "verdict_flips": int(flips),
+        "golden_flips": golden_flips,
         "models": {k: final.models[k].quantization.model_dump() for k in kinds},  # type: ignore[union-attr]
     }

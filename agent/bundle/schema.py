@@ -108,3 +108,6 @@ class QuantizationReport(Strict):
     frames_compared: int = Field(description="Images both bundles judged (calibration frames).")
     verdict_flips: int = Field(description="Of those, images whose verdict differs from the float32 bundle's.")
     max_score_diff: float = Field(description="Max |float32 - int8| of this model's image score on those images.")
+    golden_flips: int = Field(
+        default=0, description="Golden images whose verdict INT8 flipped (only with --allow-golden-flips)."
+    )
