@@ -7,6 +7,8 @@ extra) has; in the export environment (onnx 1.14 for MXNet) the command must say
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +239,45 @@ def test_the_int8_vae_has_no_float_transposed_convolution_left(int8_bundle: tupl
     graph = onnx.load(str(out / "vae.int8.onnx")).graph
     assert "ConvTranspose" not in {n.op_type for n in graph.node}
     assert summary["models"]["vae"]["phase_convs"] == 4 and summary["models"]["ssd"]["phase_convs"] == 0
+
+
+def _borderline_copy(source: Path, int8: Path, target: Path) -> str:
+    """A copy of `source` deciding by the SSD alone, its threshold between a golden image's float32 and INT8 scores."""
+    manifest = json.loads((source / "manifest.json").read_text())
+    int8_scores = {
+        g["file"]["path"]: g["expected_scores"]["ssd"]
+        for g in json.loads((int8 / "manifest.json").read_text())["golden"]
+    }
+    golden = max(manifest["golden"], key=lambda g: abs(g["expected_scores"]["ssd"] - int8_scores[g["file"]["path"]]))
+    fp32_score, int8_score = golden["expected_scores"]["ssd"], int8_scores[golden["file"]["path"]]
+    assert fp32_score != int8_score
+    threshold = (fp32_score + int8_score) / 2
+    shutil.copytree(source, target)
+    manifest["decision"] = {"defective_if_any": ["ssd"], "report_boxes_from": ["ssd"]}
+    manifest["models"]["ssd"]["thresholds"]["image"] = threshold
+    for g in manifest["golden"]:
+        g["expected_is_defective"] = g["expected_scores"]["ssd"] >= threshold
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return golden["file"]["path"]
+
+
+@needs_tools
+def test_a_golden_verdict_flipped_by_int8_refuses_the_bundle_unless_allowed(
+    int8_bundle: tuple[Path, dict], test_bundle: Path, tmp_path: Path
+):
+    # given a bundle whose SSD threshold lies between a golden image's float32 and INT8 scores
+    flipped = _borderline_copy(test_bundle, int8_bundle[0], tmp_path / "borderline")
+    opts = QuantizeOptions(bundle=tmp_path / "borderline", out=tmp_path / "b", images=[test_bundle / "golden"])
+
+    # when it is quantised the same way, it is refused, naming the image
+    with pytest.raises(ExportError, match=rf"flip the verdict on golden images .*{re.escape(flipped)}"):
+        quantize_bundle(opts)
+    assert not (tmp_path / "b").exists()
+
+    # and with the flips allowed it is written, the flip recorded, its golden outputs the INT8 models' own
+    opts.allow_golden_flips = True
+    summary = quantize_bundle(opts)
+    flips = summary["golden_flips"]
+    assert flips and any(flipped in f for f in flips)
+    engine = InferenceEngine.load(tmp_path / "b")
+    assert {s.quantization.golden_flips for s in engine.manifest.models.values()} == {len(flips)}  # type: ignore[union-attr]
