@@ -113,7 +113,12 @@ def cmd_simulate_preview(args: argparse.Namespace) -> int:
     from lineside.export.simulate_preview import render_preview
 
     _, train, _val, _test, _split = datasets_for(args.data, args.split)
-    out = render_preview(train, Path(args.out), count=args.count, seed=args.seed)
+    from lineside.export.simulate import SimConfig
+
+    config = SimConfig(px_per_mm=args.sim_px_per_mm) if args.sim_px_per_mm else SimConfig()
+    out = render_preview(
+        train, Path(args.out), count=args.count, seed=args.seed, crop=args.crop, zoom=args.zoom, config=config
+    )
     print(f"preview written: {out} (holds dataset pixels: keep it out of the repository)")
     return 0
 
@@ -341,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as err:  # the agent-only install: keygen, publish and synth still work
         parser.epilog = f"train-*, build and evaluate need the export extra (MXNet): {err}"
         return parser
+    from lineside.export.models.base import parse_px_per_mm
 
     for kind, handler in EXPORT_KINDS.items():
         p = sub.add_parser(f"train-{kind}", help=f"train the {kind} in MXNet Gluon")
@@ -379,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write (outside the repository: it holds dataset pixels)")
     p.add_argument("--count", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop", type=int, default=64, help="window around each defect, px (default 64)")
+    p.add_argument("--zoom", type=int, default=3, help="pixel enlargement of each window (default 3)")
+    p.add_argument("--sim-px-per-mm", type=parse_px_per_mm, metavar="MIN,MAX", help="as for train-ssd")
     p.set_defaults(func=cmd_simulate_preview)
 
     p = sub.add_parser("build", help="export ONNX with parity checks, calibrate, pack a bundle")

@@ -43,14 +43,22 @@ def _label(rgb: np.ndarray, text: str) -> np.ndarray:
 
 
 def render_preview(
-    train: Dataset, out: Path, *, count: int = 24, seed: int = 0, crop: int = 64, zoom: int = 3, columns: int = 8
+    train: Dataset,
+    out: Path,
+    *,
+    count: int = 24,
+    seed: int = 0,
+    crop: int = 64,
+    zoom: int = 3,
+    columns: int = 8,
+    config: SimConfig | None = None,
 ) -> Path:
     """Write a grid: `count` simulated defects (top, green boxes), then `count` real ones (bottom, red).
 
     Simulated defects go on verified defect-free images of `train`; real ones are its annotated boxes.
     """
     rng = np.random.default_rng(seed)
-    config = SimConfig()
+    config = config or SimConfig()
     normals = [s for s in train.samples if s.annotated and s.label is False]
     defective = [s for s in train.samples if s.annotated and s.label]
     cells: list[np.ndarray] = []
