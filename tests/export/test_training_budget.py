@@ -133,3 +133,25 @@ def test_resume_refuses_a_run_of_another_architecture(synth_set: tuple[Path, Syn
 
     assert again.returncode != 0
     assert "architecture" in again.stderr and "999" in again.stderr
+
+
+def test_the_ssd_records_the_simulator_magnification_it_trained_with(
+    synth_set: tuple[Path, SynthSummary], tmp_path: Path
+) -> None:
+    # given a short SSD run with simulated defects at a magnification of 4-8 px/mm
+    data, _ = synth_set
+    out = tmp_path / "ssd"
+    cmd = [
+        sys.executable, "-m", "lineside.export.cli", "train-ssd", "--data", str(data), "--out", str(out),
+        "--epochs", "1", "--iters", "2", "--batch-size", "2", "--seed", "1", "--simulate", "0.5",
+        "--sim-px-per-mm", "4,8",
+    ]  # fmt: skip
+
+    # when it trains, then train.json says which range drew the defects (and the default when none is given)
+    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _record(out)["training"]["params"]["sim_px_per_mm"] == [4.0, 8.0]
+    from lineside.export.simulate import SimConfig
+    from lineside.export.train import TrainOptions, sim_config
+
+    assert sim_config(TrainOptions(out=out)) == SimConfig()
