@@ -115,7 +115,7 @@ def cmd_simulate_preview(args: argparse.Namespace) -> int:
     _, train, _val, _test, _split = datasets_for(args.data, args.split)
     from lineside.export.simulate import SimConfig
 
-    config = SimConfig(px_per_mm=args.sim_px_per_mm) if args.sim_px_per_mm else SimConfig()
+    config = SimConfig.magnified(args.sim_px_per_mm)
     out = render_preview(
         train, Path(args.out), count=args.count, seed=args.seed, crop=args.crop, zoom=args.zoom, config=config
     )

@@ -135,7 +135,7 @@ class _Reader:
 
 
 def _tiles(engine: InferenceEngine, frames: list[np.ndarray], kind: str, max_tiles: int, seed: int) -> np.ndarray:
-    tiles = np.concatenate([engine.model_inputs(f)[kind] for f in frames])
+    tiles = np.concatenate([engine.model_inputs(f, (kind,))[kind] for f in frames])
     if len(tiles) > max_tiles:
         pick = np.random.default_rng(seed).choice(len(tiles), max_tiles, replace=False)
         tiles = tiles[np.sort(pick)]
@@ -202,23 +202,25 @@ def _max_abs_diff(fp32: InferenceEngine, int8: InferenceEngine, kind: str, tiles
 
 
 def _golden(
-    engine: InferenceEngine, loaded: LoadedBundle, reference: dict[str, Prediction], allow_flips: bool
+    loaded: LoadedBundle, judged: list[tuple[Prediction, Prediction]], allow_flips: bool
 ) -> tuple[list[GoldenImage], list[str]]:
-    """The golden images with what the INT8 models say, and the flipped verdicts (refused unless allowed)."""
+    """The golden images with what the INT8 models say, and the flipped verdicts (refused unless allowed).
+
+    `judged` holds (float32, INT8) predictions for the golden images, in the manifest's order.
+    """
     out, flips = [], []
-    for golden in loaded.manifest.golden:
-        prediction = engine.decide(engine.analyze(read_image(loaded.path(golden.file))))
-        if prediction.is_defective != reference[golden.file.path].is_defective:
+    for golden, (fp32, int8) in zip(loaded.manifest.golden, judged, strict=True):
+        if int8.is_defective != fp32.is_defective:
             flips.append(
-                f"{golden.file.path}: float32 says {'defective' if golden.expected_is_defective else 'good'} "
-                f"(score {reference[golden.file.path].score:.3f}), INT8 {prediction.score:.3f}"
+                f"{golden.file.path}: float32 says {'defective' if fp32.is_defective else 'good'} "
+                f"(score {fp32.score:.3f}), INT8 {int8.score:.3f}"
             )
         out.append(
             golden.model_copy(
                 update={
-                    "expected_scores": prediction.model_scores,
-                    "expected_is_defective": prediction.is_defective,
-                    "expected_boxes": len(prediction.boxes),
+                    "expected_scores": int8.model_scores,
+                    "expected_is_defective": int8.is_defective,
+                    "expected_boxes": len(int8.boxes),
                 }
             )
         )
@@ -334,15 +336,11 @@ def _write(
     )
     draft.dump(tmp)
     int8 = InferenceEngine(LoadedBundle(tmp, draft), providers=["cpu"])
-    reference = {g.file.path: fp32.decide(fp32.analyze(read_image(loaded.path(g.file)))) for g in manifest.golden}
-    golden, golden_flips = _golden(int8, loaded, reference, opts.allow_golden_flips)
-    # Both bundles on every calibration frame: verdict flips and image-score differences per model.
-    flips, score_diff = 0, dict.fromkeys(kinds, 0.0)
-    for frame in frames:
-        a, b = fp32.decide(fp32.analyze(frame)), int8.decide(int8.analyze(frame))
-        flips += a.is_defective != b.is_defective
-        for kind in kinds:
-            score_diff[kind] = max(score_diff[kind], abs(a.model_scores[kind] - b.model_scores[kind]))
+    # Both bundles on every calibration frame (the golden images first: `_frames`): verdicts and image scores.
+    judged = [(fp32.decide(fp32.analyze(f)), int8.decide(int8.analyze(f))) for f in frames]
+    golden, golden_flips = _golden(loaded, judged[: len(manifest.golden)], opts.allow_golden_flips)
+    flips = sum(a.is_defective != b.is_defective for a, b in judged)
+    score_diff = {k: max(abs(a.model_scores[k] - b.model_scores[k]) for a, b in judged) for k in kinds}
     for kind in kinds:
         models[kind] = models[kind].model_copy(
             update={
@@ -356,7 +354,6 @@ def _write(
                     fp32_sha256=manifest.models[kind].file.sha256,
                     tool=tool,
                     max_abs_diff=_max_abs_diff(fp32, int8, kind, tiles[kind]),
-                    frames_compared=len(frames),
                     verdict_flips=int(flips),
                     golden_flips=len(golden_flips),
                     max_score_diff=score_diff[kind],

@@ -54,6 +54,11 @@ class SimConfig:
     min_box: float = 6.0  # px: smaller defects are drawn again (GDXray boxes are >= ~8 px)
     mask_erode: int = 8  # px kept between a defect centre and the part's edge
 
+    @classmethod
+    def magnified(cls, px_per_mm: tuple[float, float] | None) -> SimConfig:
+        """The default ranges, with this magnification range when one is given (`--sim-px-per-mm`)."""
+        return cls(px_per_mm=px_per_mm) if px_per_mm else cls()
+
 
 # -- geometry ------------------------------------------------------------------------------------
 

@@ -59,11 +59,6 @@ class TrainOptions:
     resume: bool = False  # continue the run in `out` (weights, optimiser state, history, time spent)
 
 
-def sim_config(opts: TrainOptions) -> SimConfig:
-    """The simulator's ranges for this run: the defaults, with the magnification asked for."""
-    return SimConfig(px_per_mm=opts.sim_px_per_mm) if opts.sim_px_per_mm else SimConfig()
-
-
 TRAINER_FILE = "trainer.states"  # optimiser state and step count, for --resume
 WARMUP_SHARE = 0.05  # of the planned steps, at most WARMUP_MAX steps, from a tenth of the rate
 WARMUP_MAX = 200
@@ -328,7 +323,7 @@ def write_run(
             "learning_rate": opts.learning_rate,
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
-            "sim_px_per_mm": list(sim_config(opts).px_per_mm),
+            "sim_px_per_mm": list(SimConfig.magnified(opts.sim_px_per_mm).px_per_mm),
             "imagenet": opts.imagenet,
             "imagenet_weights": imagenet_provenance(opts.imagenet) if opts.imagenet else None,
             "zoom": list(opts.zoom),

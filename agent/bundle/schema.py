@@ -105,9 +105,8 @@ class QuantizationReport(Strict):
     fp32_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The float32 model it was made from.")
     tool: str = Field(description="e.g. 'onnxruntime 1.31.1, onnx 1.23.2'.")
     max_abs_diff: dict[str, float] = Field(description="Per output: max |float32 - int8| on the calibration tiles.")
-    frames_compared: int = Field(description="Images both bundles judged (calibration frames).")
-    verdict_flips: int = Field(description="Of those, images whose verdict differs from the float32 bundle's.")
-    max_score_diff: float = Field(description="Max |float32 - int8| of this model's image score on those images.")
+    verdict_flips: int = Field(description="Of `frames`, images the INT8 bundle judges otherwise than the float32 one.")
+    max_score_diff: float = Field(description="Max |float32 - int8| of this model's image score on `frames`.")
     golden_flips: int = Field(
         default=0, description="Golden images whose verdict INT8 flipped (only with --allow-golden-flips)."
     )

@@ -201,10 +201,15 @@ class InferenceEngine:
         """Run every model; threshold-free outputs per kind (what calibration and evaluation sweep over)."""
         return self._run(_FrameInputs(self, image, bits_stored), tuple(self._runners))
 
-    def model_inputs(self, image: np.ndarray, bits_stored: int | None = None) -> dict[str, np.ndarray]:
-        """Per model kind, the input batch (tiles) its graph gets for this image; copies, safe to keep."""
+    def model_inputs(
+        self, image: np.ndarray, kinds: tuple[str, ...] | None = None, bits_stored: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per model kind (default: all), the input batch (tiles) its graph gets for this image; copies."""
         frame = _FrameInputs(self, image, bits_stored)
-        return {kind: frame.batch_for(r.spec.preprocessing)[0].copy() for kind, r in self._runners.items()}
+        return {
+            kind: frame.batch_for(self._runners[kind].spec.preprocessing)[0].copy()
+            for kind in (kinds or tuple(self._runners))
+        }
 
     def run_model(self, kind: str, batch: np.ndarray) -> dict[str, np.ndarray]:
         """One model's raw graph outputs on a batch from `model_inputs`, by output name; copies."""

@@ -31,7 +31,6 @@ from lineside.export.train import (
     resume_run,
     run_loop,
     seed_everything,
-    sim_config,
     split_load,
     write_run,
     zoo,
@@ -77,7 +76,8 @@ class ClassifierKind(ExportKind):
         prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
         sampler = TileSampler(train_images, size, prep.mean, rng)
         # Training split only: validation and test images never feed the simulator.
-        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, sim_config(opts))
+        config = simulate.SimConfig.magnified(opts.sim_px_per_mm)
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if opts.pretrained:
             net = zoo(lambda: build_classifier(backbone, pretrained=True), backbone)

@@ -36,7 +36,6 @@ from lineside.export.train import (
     resume_run,
     run_loop,
     seed_everything,
-    sim_config,
     split_load,
     write_run,
     zoo,
@@ -198,7 +197,8 @@ class SSDKind(ExportKind):
         )
         sampler = TileSampler(train_images, size, prep.mean, rng, zoom=opts.zoom)
         # Training split only: validation and test images never feed the simulator.
-        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, sim_config(opts))
+        config = simulate.SimConfig.magnified(opts.sim_px_per_mm)
+        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
             raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
