@@ -346,7 +346,7 @@ def test_arbitrary_payloads_on_every_command_topic_never_crash_the_agent_nor_cha
     def throw_at_stateful(command: str, payload: bytes) -> None:
         model = COMMAND_MODELS[command]
         try:
-            valid = model.model_validate_json(payload or b"{}") is not None and len(payload) <= 4096
+            valid = model.model_validate_json(payload.strip() or b"{}") is not None and len(payload) <= 4096
         except ValueError:
             valid = False
         if valid and command != "set-thresholds":
