@@ -83,6 +83,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         simulate=getattr(args, "simulate", 0.0),
         copy_paste=getattr(args, "copy_paste", 0.0),
         sim_px_per_mm=getattr(args, "sim_px_per_mm", None),
+        sim_flat=getattr(args, "sim_flat", 0.0),
+        sim_edges=getattr(args, "sim_edges", 0.0),
         imagenet=getattr(args, "imagenet", None),
         zoom=getattr(args, "zoom", None) or (1.0, 1.0),
         minutes=args.minutes,
@@ -115,7 +117,7 @@ def cmd_simulate_preview(args: argparse.Namespace) -> int:
     _, train, _val, _test, _split = datasets_for(args.data, args.split)
     from lineside.export.simulate import SimConfig
 
-    config = SimConfig.magnified(args.sim_px_per_mm)
+    config = SimConfig.chosen(args.sim_px_per_mm, args.sim_flat, args.sim_edges)
     out = render_preview(
         train, Path(args.out), count=args.count, seed=args.seed, crop=args.crop, zoom=args.zoom, config=config
     )
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as err:  # the agent-only install: keygen, publish and synth still work
         parser.epilog = f"train-*, build and evaluate need the export extra (MXNet): {err}"
         return parser
-    from lineside.export.models.base import parse_px_per_mm
+    from lineside.export.models.base import parse_px_per_mm, parse_share
 
     for kind, handler in EXPORT_KINDS.items():
         p = sub.add_parser(f"train-{kind}", help=f"train the {kind} in MXNet Gluon")
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=64, help="window around each defect, px (default 64)")
     p.add_argument("--zoom", type=int, default=3, help="pixel enlargement of each window (default 3)")
     p.add_argument("--sim-px-per-mm", type=parse_px_per_mm, metavar="MIN,MAX", help="as for train-ssd")
+    p.add_argument("--sim-flat", type=parse_share, default=0.0, metavar="SHARE", help="as for train-ssd")
+    p.add_argument("--sim-edges", type=parse_share, default=0.0, metavar="SHARE", help="as for train-ssd")
     p.set_defaults(func=cmd_simulate_preview)
 
     p = sub.add_parser("build", help="export ONNX with parity checks, calibrate, pack a bundle")

@@ -53,11 +53,21 @@ class SimConfig:
     box_fraction: float = 0.1  # box = pixels changing by more than this share of the peak change
     min_box: float = 6.0  # px: smaller defects are drawn again (GDXray boxes are >= ~8 px)
     mask_erode: int = 8  # px kept between a defect centre and the part's edge
+    # Share of pores drawn flat: shallow along the beam (a sheet of shrinkage or a pore squeezed by the wall), so a
+    # large void changes the grey value by a few percent only, as the large rim defects of GDXray's C0007 do. A round
+    # pore of that projected size would change it by 40 % or more.
+    flat_share: float = 0.0
+    flat_depth: tuple[float, float] = (0.08, 0.4)  # log-uniform: depth along the beam / the in-plane semi-axes
+    # Share of defects centred on the steep edges inside the part (where a thick section meets a thin one), which
+    # the part mask otherwise keeps every defect away from; GDXray's C0007 and C0019 defects sit on such edges.
+    edge_share: float = 0.0
 
     @classmethod
-    def magnified(cls, px_per_mm: tuple[float, float] | None) -> SimConfig:
-        """The default ranges, with this magnification range when one is given (`--sim-px-per-mm`)."""
-        return cls(px_per_mm=px_per_mm) if px_per_mm else cls()
+    def chosen(
+        cls, px_per_mm: tuple[float, float] | None = None, flat_share: float = 0.0, edge_share: float = 0.0
+    ) -> SimConfig:
+        """The default ranges with the command line's choices (`--sim-px-per-mm`, `--sim-flat`, `--sim-edges`)."""
+        return cls(px_per_mm=px_per_mm or cls.px_per_mm, flat_share=flat_share, edge_share=edge_share)
 
 
 # -- geometry ------------------------------------------------------------------------------------
@@ -163,7 +173,15 @@ def random_defect(rng: np.random.Generator, config: SimConfig, kind: DefectKind 
     ppm = log_uniform(*config.px_per_mm)
 
     parts: list[Ellipsoid] = []
-    if kind in ("pore", "inclusion"):
+    if kind == "pore" and config.flat_share > 0 and rng.random() < config.flat_share:
+        # Flat: the third axis (the thin one) lies within ~20 degrees of the beam, so the projection stays large.
+        r = log_uniform(lo, hi)
+        depth = log_uniform(*config.flat_depth)
+        axes = (r * rng.uniform(0.7, 1.3), r * rng.uniform(0.35, 1.0), r * depth)
+        normal = np.array([*(0.35 * rng.normal(size=2)), 1.0])
+        rot = _axis_rotation(normal, rng)[:, [1, 2, 0]]  # columns: two in-plane axes, then the normal
+        parts.append(Ellipsoid(0.0, 0.0, axes, rot))
+    elif kind in ("pore", "inclusion"):
         r = log_uniform(lo, hi * (0.6 if kind == "inclusion" else 1.0))
         axes = tuple(r * rng.uniform(0.7, 1.3) for _ in range(3))
         parts.append(Ellipsoid(0.0, 0.0, axes, random_rotation(rng)))  # type: ignore[arg-type]
@@ -214,6 +232,10 @@ class Background:
     mask: np.ndarray  # bool: inside the casting, with a margin from its edges
     q: float  # grey value of infinite thickness
     noise: float  # std of the pixel noise
+    # Only with SimConfig.edge_share: the part with its steep edges (never free air or the no-signal black), and the
+    # band of steep edges inside it where edge defects are centred.
+    with_edges: np.ndarray | None = None
+    edges: np.ndarray | None = None
 
 
 def analyse(unit: np.ndarray, config: SimConfig | None = None) -> Background:
@@ -227,7 +249,14 @@ def analyse(unit: np.ndarray, config: SimConfig | None = None) -> Background:
     q = float(min(np.percentile(smooth, 0.5), np.percentile(smooth[mask], 1.0) - 0.01))
     residual = (unit - smooth)[mask]
     noise = float(1.4826 * np.median(np.abs(residual - np.median(residual))))
-    return Background(unit, smooth, mask, q, noise)
+    with_edges = edges = None
+    if config.edge_share > 0:
+        # Defects may reach within 2 px of air or black; their centres stay 6 px inside, off the outline.
+        with_edges = part_mask(unit, erode=2, steep_edges=True)
+        edges = part_mask(unit, erode=6, steep_edges=True, min_share=0.0) & ~part_mask(unit, erode=0, min_share=0.0)
+        if not edges.any():
+            with_edges = edges = None
+    return Background(unit, smooth, mask, q, noise, with_edges, edges)
 
 
 def render(
@@ -242,13 +271,15 @@ def render(
     box_fraction: float = 0.1,
     min_inside: float = 0.0,
     out: np.ndarray | None = None,
+    part: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
     """Add `defect` centred at pixel (cx, cy); returns (image, tight box x1,y1,x2,y2 or None if invisible).
 
-    Writes into `out` (default: a copy of bg.unit). The change is zero outside bg.mask. A defect
-    whose footprint lies less than `min_inside` in the part is refused (None, image unchanged): one
-    cut by the part's edge would teach a shape that does not exist.
+    Writes into `out` (default: a copy of bg.unit). The change is zero outside `part` (default
+    bg.mask). A defect whose footprint lies less than `min_inside` in the part is refused (None, image
+    unchanged): one cut by the part's edge would teach a shape that does not exist.
     """
+    part = bg.mask if part is None else part
     image = bg.unit.copy() if out is None else out
     h, w = image.shape
     margin = defect.radius_px() + 4 * blur_sigma + 2
@@ -266,23 +297,23 @@ def render(
     change = gain * signal if blur_sigma <= 0 else cv2.GaussianBlur(gain * signal, (0, 0), blur_sigma)
     if min_inside > 0:
         footprint = np.abs(change) > box_fraction * max(float(np.abs(change).max()), 1e-12)
-        if bg.mask[y0:y1, x0:x1][footprint].mean() < min_inside:
+        if part[y0:y1, x0:x1][footprint].mean() < min_inside:
             return image, None
-    change *= bg.mask[y0:y1, x0:x1]
+    change *= part[y0:y1, x0:x1]
     peak = float(np.abs(change).max())
     if peak <= 0:
         return image, None
     patch = image[y0:y1, x0:x1]
     if blur_sigma <= 0 and not noise:
         # Exactly J = exp(+-mu d) (I - q) + q on the image's own pixels.
-        patch += (gain * (patch - bg.q) * bg.mask[y0:y1, x0:x1]).astype(np.float32)
+        patch += (gain * (patch - bg.q) * part[y0:y1, x0:x1]).astype(np.float32)
     else:
         patch += change.astype(np.float32)
     if noise and bg.noise > 0:
         # Quantum noise variance grows with the signal: add the missing part where it got brighter.
         ratio = np.clip(1.0 + change / np.maximum(signal, 1e-3), 0.0, None)
         extra = bg.noise * np.sqrt(np.clip(ratio - 1.0, 0.0, None))
-        patch += (extra * rng.standard_normal(patch.shape)).astype(np.float32) * bg.mask[y0:y1, x0:x1]
+        patch += (extra * rng.standard_normal(patch.shape)).astype(np.float32) * part[y0:y1, x0:x1]
     np.clip(patch, 0.0, 1.0, out=patch)
     rows, cols = np.nonzero(np.abs(change) > box_fraction * peak)
     box = (float(x0 + cols.min()), float(y0 + rows.min()), float(x0 + cols.max() + 1), float(y0 + rows.max() + 1))
@@ -298,6 +329,18 @@ def _inside(box: Sequence[float], within: tuple[int, int, int, int] | None) -> b
 
 def _boxes_overlap(a: Sequence[float], b: Sequence[float], margin: float = 2.0) -> bool:
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
+
+
+def _edge_pixels(bg: Background, region: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the steep-edge band inside `region` (none without SimConfig.edge_share)."""
+    if bg.edges is None:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    edges = bg.edges
+    if region is not None:
+        y0, x0, y1, x1 = region
+        edges = np.zeros_like(edges)
+        edges[y0:y1, x0:x1] = bg.edges[y0:y1, x0:x1]
+    return np.nonzero(edges)
 
 
 def simulate(
@@ -325,16 +368,19 @@ def simulate(
     cys, cxs = np.nonzero(mask)
     if cys.size == 0:
         raise NoPartError("no part pixel in the requested region")
+    eys, exs = _edge_pixels(bg, region) if config.edge_share > 0 else (cys[:0], cxs[:0])
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(n_defects * 6):
         if len(boxes) >= n_defects:
             break
         defect = random_defect(rng, config)
-        i = int(rng.integers(cys.size))
-        cx, cy = cxs[i] + rng.random(), cys[i] + rng.random()
+        on_edge = eys.size > 0 and rng.random() < config.edge_share
+        ys, xs, part = (eys, exs, bg.with_edges) if on_edge else (cys, cxs, bg.mask)
+        i = int(rng.integers(ys.size))
+        cx, cy = xs[i] + rng.random(), ys[i] + rng.random()
         trial, box = render(
             bg, defect, cx, cy, rng, blur_sigma=float(rng.uniform(*config.blur_sigma)),
-            box_fraction=config.box_fraction, min_inside=0.98, out=image.copy(),
+            box_fraction=config.box_fraction, min_inside=0.98, out=image.copy(), part=part,
         )  # fmt: skip
         if box is None or min(box[2] - box[0], box[3] - box[1]) < config.min_box:
             continue
@@ -473,6 +519,8 @@ class SimulatedTiles:
         h, w = bg.unit.shape
         s = self.size
         cys, cxs = np.nonzero(bg.mask)
+        if bg.edges is not None and self.rng.random() < self.config.edge_share:
+            cys, cxs = np.nonzero(bg.edges)  # a tile around the edges its edge defects go on
         i = int(self.rng.integers(cys.size))
         # A tile around a random part pixel, the defects anywhere inside it (away from the tile edge).
         y = int(np.clip(cys[i] - self.rng.integers(16, max(17, s - 16)), 0, max(0, h - s)))

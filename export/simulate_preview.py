@@ -73,14 +73,16 @@ def render_preview(
             continue
         kind = KINDS[len(cells) % len(KINDS)]
         defect = random_defect(rng, config, kind)
-        ys, xs = np.nonzero(bg.mask)
+        on_edge = bg.edges is not None and rng.random() < config.edge_share  # as `simulate` draws them
+        ys, xs = np.nonzero(bg.edges if on_edge else bg.mask)
         i = int(rng.integers(ys.size))
         image, box = render(
-            bg, defect, xs[i] + 0.5, ys[i] + 0.5, rng, blur_sigma=float(rng.uniform(*config.blur_sigma))
-        )
+            bg, defect, xs[i] + 0.5, ys[i] + 0.5, rng, blur_sigma=float(rng.uniform(*config.blur_sigma)),
+            min_inside=0.98, part=bg.with_edges if on_edge else None,
+        )  # fmt: skip
         if box is None:
             continue
-        text = f"sim {kind} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
+        text = f"sim {kind}{' edge' if on_edge else ''} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
         cells.append(_label(_crop(image, box, crop, zoom, (0, 200, 0)), text))
     for k in range(count):
         sample = defective[int(rng.integers(len(defective)))]

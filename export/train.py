@@ -53,6 +53,8 @@ class TrainOptions:
     simulate: float = 0.0  # share of positive tiles with simulated defects (export.simulate)
     copy_paste: float = 0.0  # share of those simulated tiles made by copy-paste of real defects
     sim_px_per_mm: tuple[float, float] | None = None  # simulator magnification range; None: SimConfig's default
+    sim_flat: float = 0.0  # share of simulated pores drawn flat along the beam (SimConfig.flat_share)
+    sim_edges: float = 0.0  # share of simulated defects centred on steep edges inside the part (SimConfig.edge_share)
     imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
     zoom: tuple[float, float] = (1.0, 1.0)  # SSD: real tiles rescaled by a factor in this range (export.tiles)
     minutes: float | None = None  # wall-clock budget for this model, all sessions together; None: epochs only
@@ -323,7 +325,9 @@ def write_run(
             "learning_rate": opts.learning_rate,
             "simulate": opts.simulate,
             "copy_paste": opts.copy_paste,
-            "sim_px_per_mm": list(SimConfig.magnified(opts.sim_px_per_mm).px_per_mm),
+            "sim_px_per_mm": list(SimConfig.chosen(opts.sim_px_per_mm).px_per_mm),
+            "sim_flat": opts.sim_flat,
+            "sim_edges": opts.sim_edges,
             "imagenet": opts.imagenet,
             "imagenet_weights": imagenet_provenance(opts.imagenet) if opts.imagenet else None,
             "zoom": list(opts.zoom),

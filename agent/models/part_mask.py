@@ -17,12 +17,20 @@ class NoPartError(DatasetError):
     """An image has no region that looks like a casting (nothing to simulate on, no map to read)."""
 
 
-def part_mask(unit: np.ndarray, *, smooth_sigma: float = 2.0, erode: int = 6, min_share: float = 0.02) -> np.ndarray:
+def part_mask(
+    unit: np.ndarray,
+    *,
+    smooth_sigma: float = 2.0,
+    erode: int = 6,
+    min_share: float = 0.02,
+    steep_edges: bool = False,
+) -> np.ndarray:
     """Pixels of the casting: darker than free air, brighter than the black outside the field of view.
 
     Thresholds sit between the darkest and brightest plateaus of the smoothed image; an opening
-    drops thin strands (text, wires), an erosion keeps defects off the part's edges. Raises
-    NoPartError when less than `min_share` of the image remains.
+    drops thin strands (text, wires), an erosion keeps defects off the part's edges. Steep edges
+    inside the grey range (the outline of a thick section, a hole) are left out unless `steep_edges`.
+    Raises NoPartError when less than `min_share` of the image remains.
     """
     if unit.ndim != 2 or min(unit.shape) < 16:
         raise NoPartError(f"expected a 2-D image of at least 16x16 pixels, got shape {unit.shape}")
@@ -34,8 +42,9 @@ def part_mask(unit: np.ndarray, *, smooth_sigma: float = 2.0, erode: int = 6, mi
     mask = (smooth > dark + 0.08 * span) & (smooth < bright - 0.06 * span)
     # Steep edges (part outline, holes) are left out: the multiplicative law on a blurred edge
     # draws seams there, and the detector would learn those instead of defects.
-    gy, gx = np.gradient(smooth)
-    mask &= np.hypot(gx, gy) < 0.02 * span
+    if not steep_edges:
+        gy, gx = np.gradient(smooth)
+        mask &= np.hypot(gx, gy) < 0.02 * span
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
     if erode > 0:

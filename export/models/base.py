@@ -51,6 +51,27 @@ def add_simulation_arguments(parser: argparse.ArgumentParser) -> None:
         help="geometric magnification of simulated defects, pixels per mm, drawn log-uniformly (default 2.5,3.5: "
         "GDXray wheels, 6-60 px boxes; 2.5,10 also draws defects up to ~150 px)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sim-flat", type=parse_share, default=0.0, metavar="SHARE",
+        help="share of simulated pores drawn flat along the beam: large in the image but faint, a few percent of "
+        "the grey value (default 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sim-edges", type=parse_share, default=0.0, metavar="SHARE",
+        help="share of simulated defects centred on steep edges inside the part (a thick section's outline), "
+        "which the part mask otherwise keeps them away from (default 0)",
+    )  # fmt: skip
+
+
+def parse_share(text: str) -> float:
+    """A share in [0, 1]; a clear error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
 
 
 def parse_px_per_mm(text: str) -> tuple[float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 
@@ -248,3 +249,85 @@ def test_a_bad_magnification_range_is_refused_naming_the_flag(text: str):
 
     with pytest.raises(argparse.ArgumentTypeError, match="--sim-px-per-mm"):
         parse_px_per_mm(text)
+
+
+def _projection(defect: Defect) -> tuple[float, float]:
+    """(largest chord along the beam, mm; width of the shadow, mm) of one drawn defect."""
+    r = defect.radius_px()
+    ys, xs = np.mgrid[-r:r:0.5, -r:r:0.5]
+    chord = chord_length_mm(defect.ellipsoids, xs, ys, defect.px_per_mm)
+    inside = chord > 0
+    width_px = max(np.ptp(xs[inside]), np.ptp(ys[inside]))
+    return float(chord.max()), float(width_px / defect.px_per_mm)
+
+
+def test_flat_pores_are_large_in_the_image_but_shallow_along_the_beam():
+    # given the simulator drawing every pore flat, and the default (round pores)
+    flat, round_ = SimConfig(flat_share=1.0), SimConfig()
+
+    # when many pores are drawn from each
+    def depth_over_width(config: SimConfig) -> np.ndarray:
+        rng = np.random.default_rng(3)
+        return np.asarray([np.divide(*_projection(random_defect(rng, config, "pore"))) for _ in range(200)])
+
+    # then a flat pore's chord is a small share of its shadow's width (it changes the grey value by a few
+    # percent however large it looks), a round pore's is about its width, and the depth range is respected
+    flat_ratio, round_ratio = depth_over_width(flat), depth_over_width(round_)
+    assert np.median(flat_ratio) < 0.3 < 0.7 < np.median(round_ratio)
+    assert flat_ratio.max() < 1.0
+
+
+def test_no_flat_pores_by_default_and_the_default_draws_are_unchanged():
+    # given the default config and one that names a flat share of 0 explicitly
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+
+    # when the same seed draws from both, then the defects are identical (old runs reproduce)
+    for _ in range(50):
+        da, db = random_defect(a, SimConfig()), random_defect(b, SimConfig.chosen(None, 0.0))
+        assert da.kind == db.kind and da.mu_per_mm == db.mu_per_mm
+        assert all(x.axes_mm == y.axes_mm for x, y in zip(da.ellipsoids, db.ellipsoids, strict=True))
+
+
+@pytest.mark.parametrize("text", ["-0.1", "1.5", "half"])
+def test_a_bad_flat_share_is_refused(text: str):
+    import argparse
+
+    from lineside.export.models.base import parse_share
+
+    with pytest.raises(argparse.ArgumentTypeError, match="share between 0 and 1"):
+        parse_share(text)
+
+
+def _stepped_casting(size: int = 192, seed: int = 0) -> np.ndarray:
+    """A metal disc in bright air whose left half is a thick section: a steep edge inside the part at x = size/2."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size]
+    unit = np.full((size, size), 0.92, np.float32)
+    disc = (ys - size / 2) ** 2 + (xs - size / 2) ** 2 < (0.45 * size) ** 2
+    unit[disc] = np.where(xs[disc] < size // 2, 0.25, 0.6)
+    unit[(ys + xs < size // 5) | (ys + xs > 2 * size - size // 5)] = 0.02  # no signal outside the field of view
+    unit = cv2.GaussianBlur(unit, (0, 0), 1.0)  # the detector's unsharpness: the step spans a few pixels
+    return np.clip(unit + rng.normal(0, 0.004, unit.shape), 0, 1).astype(np.float32)
+
+
+def test_edge_defects_sit_on_steep_edges_inside_the_part_and_never_in_air():
+    # given a casting with a steep edge between a thick and a thin section, simulated with every defect on edges
+    unit = _stepped_casting()
+    config = SimConfig(edge_share=1.0)
+    bg, plain = analyse(unit, config), analyse(unit)
+    air = unit > 0.85
+
+    # when many defects are simulated
+    rng = np.random.default_rng(4)
+    boxes = []
+    for _ in range(20):
+        image, found = simulate(bg, rng, 2, config)
+        # then free air never changes
+        assert np.array_equal(image[air], unit[air])
+        boxes += found.tolist()
+
+    # and the defects lie on the inner step, where the default part mask never puts them
+    assert len(boxes) >= 20
+    inner_step = sum(1 for x1, _y1, x2, _y2 in boxes if x1 - 4 <= 96 <= x2 + 4)
+    assert inner_step / len(boxes) > 0.6
+    assert plain.edges is None and not plain.mask[:, 90:102].any()

@@ -144,13 +144,14 @@ def test_the_ssd_records_the_simulator_magnification_it_trained_with(
     cmd = [
         sys.executable, "-m", "lineside.export.cli", "train-ssd", "--data", str(data), "--out", str(out),
         "--epochs", "1", "--iters", "2", "--batch-size", "2", "--seed", "1", "--simulate", "0.5",
-        "--sim-px-per-mm", "4,8",
+        "--sim-px-per-mm", "4,8", "--sim-flat", "0.25",
     ]  # fmt: skip
 
     # when it trains, then train.json says which range drew the defects (and the default when none is given)
     done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _record(out)["training"]["params"]["sim_px_per_mm"] == [4.0, 8.0]
+    assert _record(out)["training"]["params"]["sim_flat"] == 0.25
     from lineside.export.simulate import SimConfig
 
-    assert SimConfig.magnified(None) == SimConfig()
+    assert SimConfig.chosen() == SimConfig()

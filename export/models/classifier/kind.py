@@ -76,7 +76,7 @@ class ClassifierKind(ExportKind):
         prep = make_preprocessing("tile", size, 16, train_images, rng, 3 if opts.pretrained else 1)
         sampler = TileSampler(train_images, size, prep.mean, rng)
         # Training split only: validation and test images never feed the simulator.
-        config = simulate.SimConfig.magnified(opts.sim_px_per_mm)
+        config = simulate.SimConfig.chosen(opts.sim_px_per_mm, opts.sim_flat, opts.sim_edges)
         simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if opts.pretrained:

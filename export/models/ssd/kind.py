@@ -197,7 +197,7 @@ class SSDKind(ExportKind):
         )
         sampler = TileSampler(train_images, size, prep.mean, rng, zoom=opts.zoom)
         # Training split only: validation and test images never feed the simulator.
-        config = simulate.SimConfig.magnified(opts.sim_px_per_mm)
+        config = simulate.SimConfig.chosen(opts.sim_px_per_mm, opts.sim_flat, opts.sim_edges)
         simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
