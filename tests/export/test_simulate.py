@@ -331,3 +331,21 @@ def test_edge_defects_sit_on_steep_edges_inside_the_part_and_never_in_air():
     inner_step = sum(1 for x1, _y1, x2, _y2 in boxes if x1 - 4 <= 96 <= x2 + 4)
     assert inner_step / len(boxes) > 0.6
     assert plain.edges is None and not plain.mask[:, 90:102].any()
+
+
+def test_simulate_preview_draws_edge_and_flat_defects_beside_real_ones(gdxray_root, tmp_path):
+    # given the real training series and a simulator drawing every defect on an edge, every pore flat
+    from lineside.export.data import datasets_for
+    from lineside.export.simulate_preview import render_preview
+
+    _, train, _val, _test, _split = datasets_for(str(gdxray_root), None)
+    config = SimConfig.chosen((2.5, 10.0), flat_share=1.0, edge_share=1.0)
+
+    # when the preview is rendered
+    out = render_preview(train, tmp_path / "preview.png", count=8, seed=2, crop=32, zoom=1, columns=8, config=config)
+
+    # then the grid holds a row of 8 simulated defects above a row of 8 real ones (a cell: crop x zoom + 2 px)
+    grid = cv2.imread(str(out))
+    assert grid is not None and grid.shape[:2] == (2 * 36, 8 * 36)
+    top, bottom = grid[:36], grid[36:]
+    assert top.std() > 5 and bottom.std() > 5  # both rows hold image content, not empty cells
