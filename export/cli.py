@@ -118,10 +118,10 @@ def cmd_simulate_preview(args: argparse.Namespace) -> int:
     from lineside.export.simulate import SimConfig
 
     config = SimConfig.chosen(args.sim_px_per_mm, args.sim_flat, args.sim_edges)
-    out = render_preview(
+    sheet = render_preview(
         train, Path(args.out), count=args.count, seed=args.seed, crop=args.crop, zoom=args.zoom, config=config
     )
-    print(f"preview written: {out} (holds dataset pixels: keep it out of the repository)")
+    print(f"preview written: {sheet.path} (holds dataset pixels: keep it out of the repository)")
     return 0
 
 

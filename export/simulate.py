@@ -174,7 +174,8 @@ def random_defect(rng: np.random.Generator, config: SimConfig, kind: DefectKind 
 
     parts: list[Ellipsoid] = []
     if kind == "pore" and config.flat_share > 0 and rng.random() < config.flat_share:
-        # Flat: the third axis (the thin one) lies within ~20 degrees of the beam, so the projection stays large.
+        # Flat: the third axis (the thin one, a share of r) is tilted from the beam by ~20 degrees (median; up to
+        # ~55), so the projection stays large.
         r = log_uniform(lo, hi)
         depth = log_uniform(*config.flat_depth)
         axes = (r * rng.uniform(0.7, 1.3), r * rng.uniform(0.35, 1.0), r * depth)
@@ -239,7 +240,8 @@ class Background:
 
 
 def analyse(unit: np.ndarray, config: SimConfig | None = None) -> Background:
-    """Part mask, infinite-thickness level q and noise level of one image."""
+    """Part mask, infinite-thickness level q and noise level of one image (and, with `config.edge_share`,
+    the part with its steep edges and the band of them where edge defects are centred)."""
     config = config or SimConfig()
     unit = np.asarray(unit, np.float32)
     mask = part_mask(unit, erode=config.mask_erode)
@@ -366,15 +368,15 @@ def simulate(
         mask = np.zeros_like(mask)
         mask[y0:y1, x0:x1] = bg.mask[y0:y1, x0:x1]
     cys, cxs = np.nonzero(mask)
-    if cys.size == 0:
-        raise NoPartError("no part pixel in the requested region")
     eys, exs = _edge_pixels(bg, region) if config.edge_share > 0 else (cys[:0], cxs[:0])
+    if cys.size == 0 and eys.size == 0:
+        raise NoPartError("no part pixel in the requested region")
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(n_defects * 6):
         if len(boxes) >= n_defects:
             break
         defect = random_defect(rng, config)
-        on_edge = eys.size > 0 and rng.random() < config.edge_share
+        on_edge = eys.size > 0 and (cys.size == 0 or rng.random() < config.edge_share)
         ys, xs, part = (eys, exs, bg.with_edges) if on_edge else (cys, cxs, bg.mask)
         i = int(rng.integers(ys.size))
         cx, cy = xs[i] + rng.random(), ys[i] + rng.random()

@@ -6,6 +6,7 @@ The PNG holds dataset pixels: write it outside the repository (GDXray may not be
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -42,6 +43,12 @@ def _label(rgb: np.ndarray, text: str) -> np.ndarray:
     return rgb
 
 
+@dataclass(frozen=True)
+class PreviewSheet:
+    path: Path
+    labels: list[str]  # each cell's label, in grid order: the simulated defects, then the real ones
+
+
 def render_preview(
     train: Dataset,
     out: Path,
@@ -52,7 +59,7 @@ def render_preview(
     zoom: int = 3,
     columns: int = 8,
     config: SimConfig | None = None,
-) -> Path:
+) -> PreviewSheet:
     """Write a grid: `count` simulated defects (top, green boxes), then `count` real ones (bottom, red).
 
     Simulated defects go on verified defect-free images of `train`; real ones are its annotated boxes.
@@ -62,6 +69,7 @@ def render_preview(
     normals = [s for s in train.samples if s.annotated and s.label is False]
     defective = [s for s in train.samples if s.annotated and s.label]
     cells: list[np.ndarray] = []
+    labels: list[str] = []
     tries = 0
     while len(cells) < count and tries < count * 10:
         tries += 1
@@ -83,12 +91,14 @@ def render_preview(
         if box is None:
             continue
         text = f"sim {kind}{' edge' if on_edge else ''} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
+        labels.append(text)
         cells.append(_label(_crop(image, box, crop, zoom, (0, 200, 0)), text))
     for k in range(count):
         sample = defective[int(rng.integers(len(defective)))]
         box = sample.boxes[int(rng.integers(len(sample.boxes)))]
         unit = windowed(sample.load(), _PROBE)
         text = f"real {sample.group} {box.width:.0f}x{box.height:.0f}"
+        labels.append(text)
         cells.append(_label(_crop(unit, (box.x1, box.y1, box.x2, box.y2), crop, zoom, (0, 0, 220)), text))
         del k
     side = crop * zoom
@@ -101,4 +111,4 @@ def render_preview(
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), np.vstack(rows)):
         raise OSError(f"{out}: could not write the preview PNG")
-    return out
+    return PreviewSheet(out, labels)

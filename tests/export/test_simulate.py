@@ -277,15 +277,18 @@ def test_flat_pores_are_large_in_the_image_but_shallow_along_the_beam():
     assert flat_ratio.max() < 1.0
 
 
-def test_no_flat_pores_by_default_and_the_default_draws_are_unchanged():
-    # given the default config and one that names a flat share of 0 explicitly
-    a, b = np.random.default_rng(11), np.random.default_rng(11)
+def test_the_default_draws_are_those_before_flat_pores_and_edge_defects():
+    # given the default config (no flat pores, no edge defects) and seeds whose draws were recorded with the
+    # simulator before those levers existed (commit 922687b)
+    rng = np.random.default_rng(11)
 
-    # when the same seed draws from both, then the defects are identical (old runs reproduce)
-    for _ in range(50):
-        da, db = random_defect(a, SimConfig()), random_defect(b, SimConfig.chosen(None, 0.0))
-        assert da.kind == db.kind and da.mu_per_mm == db.mu_per_mm
-        assert all(x.axes_mm == y.axes_mm for x, y in zip(da.ellipsoids, db.ellipsoids, strict=True))
+    # when defects are drawn and simulated, then they are the recorded ones: old runs reproduce
+    drawn = [random_defect(rng, SimConfig()) for _ in range(3)]
+    assert [d.kind for d in drawn] == ["pore", "shrinkage", "pore"]
+    assert [round(d.mu_per_mm, 6) for d in drawn] == [0.077282, 0.03784, 0.078113]
+    assert tuple(round(a, 6) for a in drawn[2].ellipsoids[0].axes_mm) == (4.010869, 3.91861, 5.405375)
+    _, boxes = simulate(analyse(_casting()), np.random.default_rng(7), 3)
+    assert boxes.tolist() == [[104.0, 70.0, 118.0, 89.0]]
 
 
 @pytest.mark.parametrize("text", ["-0.1", "1.5", "half"])
@@ -342,10 +345,26 @@ def test_simulate_preview_draws_edge_and_flat_defects_beside_real_ones(gdxray_ro
     config = SimConfig.chosen((2.5, 10.0), flat_share=1.0, edge_share=1.0)
 
     # when the preview is rendered
-    out = render_preview(train, tmp_path / "preview.png", count=8, seed=2, crop=32, zoom=1, columns=8, config=config)
+    sheet = render_preview(train, tmp_path / "preview.png", count=8, seed=2, crop=32, zoom=1, columns=8, config=config)
 
-    # then the grid holds a row of 8 simulated defects above a row of 8 real ones (a cell: crop x zoom + 2 px)
-    grid = cv2.imread(str(out))
+    # then it labels 8 simulated defects, all on edges, then 8 real ones
+    assert len(sheet.labels) == 16
+    assert all(" edge " in label for label in sheet.labels[:8]), sheet.labels[:8]
+    assert all(label.startswith("real ") for label in sheet.labels[8:])
+    # and the grid holds them in two rows of 8 (a cell: crop x zoom, padded 2 px on each side)
+    grid = cv2.imread(str(sheet.path))
     assert grid is not None and grid.shape[:2] == (2 * 36, 8 * 36)
-    top, bottom = grid[:36], grid[36:]
-    assert top.std() > 5 and bottom.std() > 5  # both rows hold image content, not empty cells
+
+
+def test_a_region_on_an_edge_only_still_gets_edge_defects():
+    # given a region of the stepped casting that holds edge pixels but none of the default part mask
+    config = SimConfig(edge_share=0.3)
+    bg = analyse(_stepped_casting(), config)
+    region = (80, 92, 112, 100)
+    y0, x0, y1, x1 = region
+    assert not bg.mask[y0:y1, x0:x1].any() and bg.edges is not None and bg.edges[y0:y1, x0:x1].any()
+
+    # when defects are simulated with their centres in that region, then they are drawn on the edge
+    boxes = np.concatenate([simulate(bg, np.random.default_rng(s), 2, config, region=region)[1] for s in range(5)])
+    assert len(boxes) >= 1
+    assert all(x1 - 4 <= 96 <= x2 + 4 for x1, _y1, x2, _y2 in boxes)

@@ -144,7 +144,7 @@ def test_the_ssd_records_the_simulator_magnification_it_trained_with(
     cmd = [
         sys.executable, "-m", "lineside.export.cli", "train-ssd", "--data", str(data), "--out", str(out),
         "--epochs", "1", "--iters", "2", "--batch-size", "2", "--seed", "1", "--simulate", "0.5",
-        "--sim-px-per-mm", "4,8", "--sim-flat", "0.25",
+        "--sim-px-per-mm", "4,8", "--sim-flat", "0.25", "--sim-edges", "0.5",
     ]  # fmt: skip
 
     # when it trains, then train.json says which range drew the defects (and the default when none is given)
@@ -152,6 +152,7 @@ def test_the_ssd_records_the_simulator_magnification_it_trained_with(
     assert done.returncode == 0, done.stderr[-3000:]
     assert _record(out)["training"]["params"]["sim_px_per_mm"] == [4.0, 8.0]
     assert _record(out)["training"]["params"]["sim_flat"] == 0.25
+    assert _record(out)["training"]["params"]["sim_edges"] == 0.5
     from lineside.export.simulate import SimConfig
 
     assert SimConfig.chosen() == SimConfig()
