@@ -58,8 +58,8 @@ SSD_FALLBACK_PRESET = "tile256-mobilenet0.25"
 RECOMMENDED: dict[str, ModelRecipe] = {
     # ImageNet MobileNetV2 backbone: at the same 76.5 minutes it reached avg F1 35 % on the test series, where
     # the from-scratch mobilenet0.25 reached 21.7 %; simulated defects drawn up to ~150 px (magnification 2.5-10
-    # px/mm) reached 38.9 %, within the spread of runs overall but with the large-defect series C0019 at 14.6 %
-    # against 3-8 % (docs/evaluation.md, per-lever table and learning curve).
+    # px/mm) reached 38.9 % (36.8 % with another seed), within the spread of runs; the first run's C0019 gain did
+    # not repeat with the other seed (docs/evaluation.md, per-lever table and learning curve).
     "ssd": ModelRecipe(
         share=0.6,
         epochs=70,
