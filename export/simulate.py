@@ -333,7 +333,7 @@ def _boxes_overlap(a: Sequence[float], b: Sequence[float], margin: float = 2.0) 
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
 
-def _edge_pixels(bg: Background, region: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def edge_pixels(bg: Background, region: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     """(ys, xs) of the steep-edge band inside `region` (none without SimConfig.edge_share)."""
     if bg.edges is None:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
@@ -343,6 +343,23 @@ def _edge_pixels(bg: Background, region: tuple[int, int, int, int] | None) -> tu
         edges = np.zeros_like(edges)
         edges[y0:y1, x0:x1] = bg.edges[y0:y1, x0:x1]
     return np.nonzero(edges)
+
+
+def pick_site(
+    bg: Background,
+    rng: np.random.Generator,
+    config: SimConfig,
+    part_px: tuple[np.ndarray, np.ndarray],
+    edge_px: tuple[np.ndarray, np.ndarray],
+) -> tuple[float, float, np.ndarray, bool]:
+    """A defect centre (x, y) among the (ys, xs) candidates and the mask it is rendered in, and whether it is on
+    an edge: with `config.edge_share` (or when no part pixel is left) on the steep-edge band, else in the part."""
+    (cys, cxs), (eys, exs) = part_px, edge_px
+    on_edge = eys.size > 0 and (cys.size == 0 or rng.random() < config.edge_share)
+    ys, xs = (eys, exs) if on_edge else (cys, cxs)
+    i = int(rng.integers(ys.size))
+    part = bg.with_edges if on_edge and bg.with_edges is not None else bg.mask
+    return float(xs[i] + rng.random()), float(ys[i] + rng.random()), part, on_edge
 
 
 def simulate(
@@ -368,7 +385,7 @@ def simulate(
         mask = np.zeros_like(mask)
         mask[y0:y1, x0:x1] = bg.mask[y0:y1, x0:x1]
     cys, cxs = np.nonzero(mask)
-    eys, exs = _edge_pixels(bg, region) if config.edge_share > 0 else (cys[:0], cxs[:0])
+    eys, exs = edge_pixels(bg, region) if config.edge_share > 0 else (cys[:0], cxs[:0])
     if cys.size == 0 and eys.size == 0:
         raise NoPartError("no part pixel in the requested region")
     boxes: list[tuple[float, float, float, float]] = []
@@ -376,10 +393,7 @@ def simulate(
         if len(boxes) >= n_defects:
             break
         defect = random_defect(rng, config)
-        on_edge = eys.size > 0 and (cys.size == 0 or rng.random() < config.edge_share)
-        ys, xs, part = (eys, exs, bg.with_edges) if on_edge else (cys, cxs, bg.mask)
-        i = int(rng.integers(ys.size))
-        cx, cy = xs[i] + rng.random(), ys[i] + rng.random()
+        cx, cy, part, _ = pick_site(bg, rng, config, (cys, cxs), (eys, exs))
         trial, box = render(
             bg, defect, cx, cy, rng, blur_sigma=float(rng.uniform(*config.blur_sigma)),
             box_fraction=config.box_fraction, min_inside=0.98, out=image.copy(), part=part,

@@ -15,7 +15,16 @@ import numpy as np
 from lineside.agent.bundle.manifest import Preprocessing
 from lineside.agent.inference.preprocess import windowed
 from lineside.export.data.base import Dataset
-from lineside.export.simulate import KINDS, NoPartError, SimConfig, analyse, random_defect, render
+from lineside.export.simulate import (
+    KINDS,
+    NoPartError,
+    SimConfig,
+    analyse,
+    edge_pixels,
+    pick_site,
+    random_defect,
+    render,
+)
 
 logger = logging.getLogger(__name__)
 _PROBE = Preprocessing(mode="tile", input_size=(256, 256), channels=1, mean=0.5, std=0.25)
@@ -81,13 +90,10 @@ def render_preview(
             continue
         kind = KINDS[len(cells) % len(KINDS)]
         defect = random_defect(rng, config, kind)
-        on_edge = bg.edges is not None and rng.random() < config.edge_share  # as `simulate` draws them
-        ys, xs = np.nonzero(bg.edges if on_edge else bg.mask)
-        i = int(rng.integers(ys.size))
+        cx, cy, part, on_edge = pick_site(bg, rng, config, np.nonzero(bg.mask), edge_pixels(bg, None))
         image, box = render(
-            bg, defect, xs[i] + 0.5, ys[i] + 0.5, rng, blur_sigma=float(rng.uniform(*config.blur_sigma)),
-            min_inside=0.98, part=bg.with_edges if on_edge else None,
-        )  # fmt: skip
+            bg, defect, cx, cy, rng, blur_sigma=float(rng.uniform(*config.blur_sigma)), min_inside=0.98, part=part
+        )
         if box is None:
             continue
         text = f"sim {kind}{' edge' if on_edge else ''} {box[2] - box[0]:.0f}x{box[3] - box[1]:.0f}"
