@@ -32,6 +32,17 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _decay(text: str) -> float:
+    """0 (off) or a decay in (0, 1); a clear error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ema expects a decay such as 0.999 (or 0: off), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"--ema expects a decay in [0, 1), e.g. 0.999, got {text!r}")
+    return value
+
+
 def _minutes(text: str) -> float:
     try:
         value = float(text)
@@ -88,6 +99,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         imagenet=getattr(args, "imagenet", None),
         zoom=getattr(args, "zoom", None) or (1.0, 1.0),
         minutes=args.minutes,
+        ema=args.ema,
         resume=args.resume,
     )
     out = EXPORT_KINDS[kind].train(train, val, opts, split)
@@ -362,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--iters", type=int, default=50, help="iterations per epoch")
         p.add_argument("--lr", type=float, default=1e-3)
         p.add_argument("--minutes", type=_minutes, help="wall-clock budget (all sessions of a resumed run together)")
+        p.add_argument(
+            "--ema", type=_decay, default=0.0, metavar="DECAY",
+            help="save a moving average of the weights over the steps, e.g. 0.999 (default 0: the last weights)",
+        )  # fmt: skip
         p.add_argument(
             "--resume", action="store_true", help="continue the run in --out (weights, optimiser, history, time)"
         )

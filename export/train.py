@@ -13,7 +13,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,12 @@ class TrainOptions:
     imagenet: str | None = None  # ImageNet MobileNetV2 weights (.pth path or "auto"), export.imagenet
     zoom: tuple[float, float] = (1.0, 1.0)  # SSD: real tiles rescaled by a factor in this range (export.tiles)
     minutes: float | None = None  # wall-clock budget for this model, all sessions together; None: epochs only
+    ema: float = 0.0  # decay of the weights' moving average per step (WeightAverage); 0: off
     resume: bool = False  # continue the run in `out` (weights, optimiser state, history, time spent)
 
 
 TRAINER_FILE = "trainer.states"  # optimiser state and step count, for --resume
+RAW_PARAMS_FILE = "raw.params"  # with --ema: the trained (not averaged) weights, for --resume
 WARMUP_SHARE = 0.05  # of the planned steps, at most WARMUP_MAX steps, from a tenth of the rate
 WARMUP_MAX = 200
 
@@ -139,7 +142,9 @@ def resume_run(
     record = read_run(opts.out, kind)
     if record.architecture != arch:
         raise ExportError(f"--resume {opts.out}: architecture {record.architecture} is not {arch}")
-    net.load_parameters(str(opts.out / PARAMS_FILE), ctx=ctxs)
+    # With --ema, model.params holds the average (what build reads) and raw.params the weights training goes on from.
+    raw = opts.out / RAW_PARAMS_FILE
+    net.load_parameters(str(raw if raw.is_file() else opts.out / PARAMS_FILE), ctx=ctxs)
     schedule = trainer.optimizer.lr_scheduler
     if (opts.out / TRAINER_FILE).is_file():
         trainer.load_states(str(opts.out / TRAINER_FILE))
@@ -148,6 +153,68 @@ def resume_run(
     history = [h.model_dump() for h in record.history]
     logger.info("resuming %s from %s: %d epochs, %.0f s done", kind, opts.out, len(history), clock.before)
     return record.preprocessing, history
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights and BatchNorm statistics, updated after every
+    step; validation and the saved model use it (the raw weights are saved beside it for --resume).
+
+    One run's snapshots differ by several points of avg F1 from epoch to epoch (docs/evaluation.md); an
+    average over many steps is a flatter, steadier solution (YOLOv5's model EMA, SWA). Early on, the
+    average spans the last third of the steps taken (decay (t - 1) / (t + 2) at step t), so the random
+    start and the warm-up fade out; then the decay is fixed (0.999: about the last 1000 steps).
+    """
+
+    def __init__(self, net: gluon.HybridBlock, decay: float, ctx: mx.Context) -> None:
+        self.net, self.decay, self.ctx = net, decay, ctx
+        self.params = list(net.collect_params().values())
+        self.shadow: list[mx.nd.NDArray] | None = None  # at the first step: shapes may be deferred until then
+
+    @classmethod
+    def start(
+        cls, net: gluon.HybridBlock, opts: TrainOptions, ctxs: list[mx.Context], resumed: bool
+    ) -> WeightAverage | None:
+        """None without --ema; on a resumed run, the average saved in model.params carries on."""
+        if opts.ema <= 0:
+            return None
+        average = cls(net, opts.ema, ctxs[0])
+        if resumed and (opts.out / RAW_PARAMS_FILE).is_file():
+            net.load_parameters(str(opts.out / PARAMS_FILE), ctx=ctxs)
+            average.shadow = [p.data(ctxs[0]).copy() for p in average.params]
+            net.load_parameters(str(opts.out / RAW_PARAMS_FILE), ctx=ctxs)
+        elif resumed:
+            logger.warning("--ema on a run trained without it: the average starts from its last weights")
+        return average
+
+    def update(self, step: int) -> None:
+        if self.shadow is None:
+            self.shadow = [p.data(self.ctx).copy() for p in self.params]
+            return
+        d = min(self.decay, max(step - 1, 0) / (step + 2))
+        for shadow, p in zip(self.shadow, self.params, strict=True):
+            shadow *= d
+            shadow += (1 - d) * p.data(self.ctx)
+
+    def save_raw(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (RAW_PARAMS_FILE + ".tmp")
+        self.net.save_parameters(str(tmp))
+        os.replace(tmp, out / RAW_PARAMS_FILE)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The network holds the average inside the block, its trained weights again after it."""
+        if self.shadow is None:  # no step yet
+            yield
+            return
+        raw = [p.data(self.ctx).copy() for p in self.params]
+        for shadow, p in zip(self.shadow, self.params, strict=True):
+            p.set_data(shadow)
+        try:
+            yield
+        finally:
+            for kept, p in zip(raw, self.params, strict=True):
+                p.set_data(kept)
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -226,12 +293,14 @@ def run_loop(
     checkpoint: Callable[..., object],
     clock: TrainClock | None = None,
     history: list[dict[str, float]] | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[list[dict[str, float]], float]:
     """Epoch loop with tqdm progress; per-epoch mean train loss and validation loss.
 
     Ends after `opts.epochs` epochs (counting resumed ones) or when the clock's budget is used up, in
     the middle of an epoch if need be (that epoch is recorded as partial). After every epoch the run
-    folder is complete (weights, record, optimiser state): it can be built from, or resumed.
+    folder is complete (weights, record, optimiser state): it can be built from, or resumed. With an
+    `average`, it is updated after every step, and validation and the saved model use it.
     """
     clock = clock or TrainClock(opts.minutes * 60 if opts.minutes else None)
     history = list(history or [])
@@ -250,12 +319,15 @@ def run_loop(
         )
         for _ in bar:
             losses.append(step(True))
+            if average is not None:
+                average.update(trainer.optimizer.num_update)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if clock.over():
                 stopped = "budget"
                 break
         train_loss = float(np.mean(losses))
-        val_loss = validate()
+        with average.applied() if average is not None else nullcontext():
+            val_loss = validate()
         if not np.isfinite(train_loss):
             raise ExportError(f"{name}: training diverged at epoch {epoch} (loss {train_loss})")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
@@ -267,7 +339,10 @@ def run_loop(
             f"({seconds:.0f} s){partial_note}"
         )
         # A usable run folder after every epoch: long runs can be built from before they end.
-        checkpoint(history, seconds, stopped=stopped)
+        if average is not None:
+            average.save_raw(opts.out)
+        with average.applied() if average is not None else nullcontext():
+            checkpoint(history, seconds, stopped=stopped)
         _save_trainer(trainer, opts.out)
         if stopped == "budget":
             if epoch == 1 and len(losses) < opts.iters_per_epoch:
@@ -333,6 +408,7 @@ def write_run(
             "zoom": list(opts.zoom),
             "planned_epochs": opts.epochs,
             "minutes": opts.minutes,
+            "ema": opts.ema,
             "stopped_by": stopped,
         },
     )

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lineside.export.synth import SynthSummary
@@ -156,3 +157,69 @@ def test_the_ssd_records_the_simulator_magnification_it_trained_with(
     from lineside.export.simulate import SimConfig
 
     assert SimConfig.chosen() == SimConfig()
+
+
+def test_the_weight_average_follows_the_steps_and_is_swapped_in_only_inside_its_block() -> None:
+    import mxnet as mx
+    from mxnet import gluon
+
+    from lineside.export.train import WeightAverage
+
+    net = gluon.nn.Dense(2, in_units=3)
+    net.initialize()
+    average = WeightAverage(net, decay=0.5, ctx=mx.cpu())
+
+    def set_weights(value: float) -> None:
+        net.weight.set_data(mx.nd.full(net.weight.shape, value))
+
+    # the first step's weights start the average; then the decay grows towards its cap: (t - 1) / (t + 2)
+    set_weights(1.0)
+    average.update(1)
+    set_weights(3.0)
+    average.update(2)  # decay 1/4: 0.25 * 1 + 0.75 * 3
+    set_weights(5.0)
+    average.update(5)  # decay min(0.5, 4/7) = 0.5: 0.5 * 2.5 + 0.5 * 5
+
+    with average.applied():
+        assert net.weight.data().asnumpy() == pytest.approx(3.75)
+    assert net.weight.data().asnumpy() == pytest.approx(5.0)  # training goes on from its own weights
+
+
+def test_ema_saves_the_average_and_resume_carries_it_on(synth_set: tuple[Path, SynthSummary], tmp_path: Path) -> None:
+    import mxnet as mx
+
+    data, _ = synth_set
+    out = tmp_path / "run"
+    cmd = _train_cmd(data, out, "--iters", "4", "--ema", "0.9")
+
+    # when: two epochs with the average, then two more by --resume
+    first = subprocess.run([*cmd, "--epochs", "2"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model.params")).items()}
+    raw = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "raw.params")).items()}
+
+    # then model.params (what build reads) is the average, not the last weights, and train.json says so
+    assert saved.keys() == raw.keys()
+    assert any(not np.allclose(saved[k], raw[k]) for k in saved)
+    assert _record(out)["training"]["params"]["ema"] == 0.9
+
+    resumed = subprocess.run(
+        [*cmd, "--epochs", "4", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [h["epoch"] for h in _record(out)["history"]] == [1, 2, 3, 4]
+    after = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model.params")).items()}
+    raw_after = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "raw.params")).items()}
+    # training went on from the raw weights, and the average moved with it, still apart from them
+    assert any(not np.allclose(raw_after[k], raw[k]) for k in raw)
+    assert any(not np.allclose(after[k], saved[k]) for k in saved)
+    assert any(not np.allclose(after[k], raw_after[k]) for k in after)
+
+
+def test_a_bad_ema_decay_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _train_cmd(tmp_path, tmp_path / "run", "--ema", "1.5"), env=_env(), cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--ema expects a decay in [0, 1)" in done.stderr

@@ -25,6 +25,7 @@ from lineside.export.runs import PARAMS_FILE, RunRecord
 from lineside.export.tiles import TileSampler, augment, load_images
 from lineside.export.train import (
     TrainOptions,
+    WeightAverage,
     contexts,
     make_preprocessing,
     make_trainer,
@@ -90,6 +91,7 @@ class ClassifierKind(ExportKind):
         trainer, clock = make_trainer(net, opts, final_share=0.02)
         arch = {"backbone": backbone}
         prep, history = resume_run(opts, "classifier", arch, prep, net, trainer, clock, ctxs)
+        average = WeightAverage.start(net, opts, ctxs, resumed=bool(history))
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         val_batches = [
             _cls_batch(val_sampler, opts.batch_size, val_sampler.rng, False) for _ in range(opts.val_batches)
@@ -118,7 +120,7 @@ class ClassifierKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("classifier", opts, trainer, step, validate, checkpoint, clock, history)
+        run_loop("classifier", opts, trainer, step, validate, checkpoint, clock, history, average)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

@@ -29,6 +29,7 @@ from lineside.export.runs import PARAMS_FILE, RunRecord
 from lineside.export.tiles import TileSampler, augment, load_images, parse_zoom
 from lineside.export.train import (
     TrainOptions,
+    WeightAverage,
     contexts,
     continue_from,
     make_preprocessing,
@@ -225,6 +226,7 @@ class SSDKind(ExportKind):
         trainer, clock = make_trainer(net, opts, final_share=0.02)
         arch = {"preset": preset_name}
         prep, history = resume_run(opts, "ssd", arch, prep, net, trainer, clock, ctxs)
+        average = WeightAverage.start(net, opts, ctxs, resumed=bool(history))
         val_batches = [
             _ssd_batch(val_sampler, opts.batch_size, val_sampler.rng, 0.75, False) for _ in range(opts.val_batches)
         ]
@@ -264,7 +266,7 @@ class SSDKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history)
+        run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history, average)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

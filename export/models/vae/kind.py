@@ -26,6 +26,7 @@ from lineside.export.runs import PARAMS_FILE, RunRecord
 from lineside.export.tiles import TileSampler, augment, load_images
 from lineside.export.train import (
     TrainOptions,
+    WeightAverage,
     contexts,
     make_preprocessing,
     make_trainer,
@@ -64,6 +65,7 @@ class VAEKind(ExportKind):
         trainer, clock = make_trainer(net, opts, final_share=0.05, wd=None)
         arch = {"width": width, "latent_channels": latent, "beta": beta}
         prep, history = resume_run(opts, "vae", arch, prep, net, trainer, clock, ctxs)
+        average = WeightAverage.start(net, opts, ctxs, resumed=bool(history))
         empty = np.zeros((0, 4), np.float32)
         lat = VAE_TILE // 16
 
@@ -108,7 +110,7 @@ class VAEKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history)
+        run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history, average)
         return opts.out
 
     def post(self, net: mx.gluon.HybridBlock, record: RunRecord, bundle_dir: Path) -> KindPost:
