@@ -38,6 +38,13 @@ class SSDThresholds(KindThresholds):
     kind: Literal["ssd"] = "ssd"
     image: float = Field(default=0.5, description="Best box score at or above which the SSD fires for the image.")
     box: float = Field(default=0.5, description="Detection score at or above which a box is reported.")
+    box_scale: float = Field(
+        default=1.0,
+        ge=0.5,
+        le=2.0,
+        description="Reported boxes are grown by this factor about their centre. Calibrated with the box threshold: "
+        "how the annotators of the validation images draw a box around a defect the detector finds.",
+    )
 
     def bounds(self) -> dict[str, tuple[float, float]]:
         return {"image": (0.0, 1.0), "box": (0.0, 1.0)}  # detection scores are probabilities
@@ -49,6 +56,20 @@ class SSDOutput(KindOutput):
 
     boxes: np.ndarray
     scores: np.ndarray
+    image_hw: tuple[int, int] | None = None  # boxes grown by `box_scale` are clipped to it
+
+
+def grown(boxes: np.ndarray, factor: float, image_hw: tuple[int, int] | None) -> np.ndarray:
+    """(N, 4) boxes scaled by `factor` about their centres, clipped to the image when its size is known."""
+    if factor == 1.0 or not len(boxes):
+        return boxes
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    out = np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
+    if image_hw is not None:
+        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, image_hw[1])
+        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, image_hw[0])
+    return out
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int, block: int = 64) -> np.ndarray:
@@ -326,10 +347,15 @@ class SSD(ModelKind):
             layout,
             self.spec.preprocessing.input_size,
         )
-        return SSDOutput(score=float(scores.max()) if scores.size else 0.0, boxes=boxes, scores=scores)
+        return SSDOutput(
+            score=float(scores.max()) if scores.size else 0.0,
+            boxes=boxes,
+            scores=scores,
+            image_hw=layout.original_shape,
+        )
 
     @classmethod
     def boxes(cls, out: KindOutput, thresholds: KindThresholds) -> tuple[np.ndarray, np.ndarray]:
         assert isinstance(out, SSDOutput) and isinstance(thresholds, SSDThresholds)
         keep = out.scores >= thresholds.box
-        return out.boxes[keep], out.scores[keep]
+        return grown(out.boxes[keep], thresholds.box_scale, out.image_hw), out.scores[keep]

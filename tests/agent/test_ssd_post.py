@@ -20,7 +20,16 @@ from lineside.agent.imaging import read_image
 from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import Layout
 from lineside.agent.models.base import NO_BOXES, NO_SCORES
-from lineside.agent.models.ssd import SSDPost, decode_ssd_tile, nms, ssd_detections
+from lineside.agent.models.ssd import (
+    SSD,
+    SSDOutput,
+    SSDPost,
+    SSDThresholds,
+    decode_ssd_tile,
+    grown,
+    nms,
+    ssd_detections,
+)
 
 
 def reference_detections(
@@ -186,3 +195,25 @@ def test_non_finite_heads_give_the_reference_detections() -> None:
         boxes, scores = ssd_detections(probs, deltas, anchors, post, layout, (128, 128))
     _assert_same((boxes, scores), reference_detections(probs, deltas, anchors, post, layout, (128, 128)))
     assert np.all(np.isfinite(boxes)) and np.all(np.isfinite(scores)) and len(scores) > 0
+
+
+def test_grown_boxes_keep_their_centre_and_stay_inside_the_image() -> None:
+    boxes = np.asarray([[10, 20, 30, 60], [0, 0, 10, 10]], np.float32)
+    out = grown(boxes, 1.5, (100, 200))
+    assert out[0].tolist() == [5.0, 10.0, 35.0, 70.0]
+    assert out[1].tolist() == [0.0, 0.0, 12.5, 12.5]  # clipped at the image's top-left corner
+    assert grown(boxes, 1.0, (100, 200)) is boxes
+
+
+def test_the_device_reports_the_scaled_boxes_above_the_threshold() -> None:
+    out = SSDOutput(
+        score=0.9,
+        boxes=np.asarray([[10, 10, 20, 20], [50, 50, 70, 70]], np.float32),
+        scores=np.asarray([0.9, 0.3], np.float32),
+        image_hw=(64, 64),
+    )
+    boxes, scores = SSD.boxes(out, SSDThresholds(image=0.5, box=0.5, box_scale=1.2))
+    assert boxes.tolist() == [[9.0, 9.0, 21.0, 21.0]]
+    assert scores.tolist() == [pytest.approx(0.9)]
+    with pytest.raises(ValueError, match="box_scale"):
+        SSDThresholds(image=0.5, box=0.5, box_scale=3.0)
