@@ -33,7 +33,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _decay(text: str) -> float:
-    """0 (off) or a decay in (0, 1); a clear error otherwise."""
+    """A decay in [0, 1) (0: off); a clear error otherwise."""
     try:
         value = float(text)
     except ValueError:

@@ -160,28 +160,38 @@ class WeightAverage:
     step; validation and the saved model use it (the raw weights are saved beside it for --resume).
 
     One run's snapshots differ by several points of avg F1 from epoch to epoch (docs/evaluation.md); an
-    average over many steps is a flatter, steadier solution (YOLOv5's model EMA, SWA). Early on, the
-    average spans the last third of the steps taken (decay (t - 1) / (t + 2) at step t), so the random
-    start and the warm-up fade out; then the decay is fixed (0.999: about the last 1000 steps).
+    average over many steps is a flatter, steadier solution (YOLOv5's model EMA, SWA). The decay at step
+    t is min(decay, (t - 1) / (t + 2)): early on the average leans to recent steps (about 70 % of its
+    weight on the last third of the steps taken), so the random start and the warm-up fade out; the cap
+    (0.999: about the last 1000 steps) is reached near step 3000. BatchNorm's running statistics are
+    averaged with the weights rather than recomputed (as SWA does): they move slowly at the end of a run.
+
+    Weights are swapped in place on every device, never through `Parameter.set_data`, which resets the
+    trainer's kvstore (the optimiser state) when there are several GPUs.
     """
 
     def __init__(self, net: gluon.HybridBlock, decay: float, ctx: mx.Context) -> None:
         self.net, self.decay, self.ctx = net, decay, ctx
-        self.params = list(net.collect_params().values())
+        # Structural names, as save_parameters writes them: a saved average is read back by name.
+        self.named = dict(net._collect_params_with_prefix())
+        self.params = list(self.named.values())
         self.shadow: list[mx.nd.NDArray] | None = None  # at the first step: shapes may be deferred until then
 
     @classmethod
     def start(
         cls, net: gluon.HybridBlock, opts: TrainOptions, ctxs: list[mx.Context], resumed: bool
     ) -> WeightAverage | None:
-        """None without --ema; on a resumed run, the average saved in model.params carries on."""
+        """None without --ema; on a resumed run trained with it, the average saved in model.params carries on
+        (`resume_run` has loaded the raw weights into the net)."""
         if opts.ema <= 0:
             return None
         average = cls(net, opts.ema, ctxs[0])
         if resumed and (opts.out / RAW_PARAMS_FILE).is_file():
-            net.load_parameters(str(opts.out / PARAMS_FILE), ctx=ctxs)
-            average.shadow = [p.data(ctxs[0]).copy() for p in average.params]
-            net.load_parameters(str(opts.out / RAW_PARAMS_FILE), ctx=ctxs)
+            saved = mx.nd.load(str(opts.out / PARAMS_FILE))
+            missing = sorted(set(average.named) - set(saved))
+            if missing:
+                raise ExportError(f"--resume {opts.out}: {PARAMS_FILE} lacks {missing[:3]}: not this network's average")
+            average.shadow = [saved[name].as_in_context(ctxs[0]) for name in average.named]
         elif resumed:
             logger.warning("--ema on a run trained without it: the average starts from its last weights")
         return average
@@ -207,14 +217,16 @@ class WeightAverage:
         if self.shadow is None:  # no step yet
             yield
             return
-        raw = [p.data(self.ctx).copy() for p in self.params]
+        raw = [[a.copy() for a in p.list_data()] for p in self.params]  # per device: BatchNorm stats differ
         for shadow, p in zip(self.shadow, self.params, strict=True):
-            p.set_data(shadow)
+            for a in p.list_data():
+                a[:] = shadow.as_in_context(a.context)
         try:
             yield
         finally:
             for kept, p in zip(raw, self.params, strict=True):
-                p.set_data(kept)
+                for a, k in zip(p.list_data(), kept, strict=True):
+                    a[:] = k
 
 
 def contexts(gpus: list[int]) -> list[mx.Context]:
@@ -341,6 +353,8 @@ def run_loop(
         # A usable run folder after every epoch: long runs can be built from before they end.
         if average is not None:
             average.save_raw(opts.out)
+        else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
+            (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
             checkpoint(history, seconds, stopped=stopped)
         _save_trainer(trainer, opts.out)

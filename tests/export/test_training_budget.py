@@ -190,30 +190,94 @@ def test_ema_saves_the_average_and_resume_carries_it_on(synth_set: tuple[Path, S
 
     data, _ = synth_set
     out = tmp_path / "run"
-    cmd = _train_cmd(data, out, "--iters", "4", "--ema", "0.9")
+    cmd = _train_cmd(data, out, "--iters", "4")
 
-    # when: two epochs with the average, then two more by --resume
-    first = subprocess.run([*cmd, "--epochs", "2"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    def load(name: str) -> dict[str, np.ndarray]:
+        return {k: v.asnumpy() for k, v in mx.nd.load(str(out / name)).items()}
+
+    # when: two epochs with the average
+    first = subprocess.run(
+        [*cmd, "--epochs", "2", "--ema", "0.9"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    saved = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model.params")).items()}
-    raw = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "raw.params")).items()}
+    saved, raw = load("model.params"), load("raw.params")
 
     # then model.params (what build reads) is the average, not the last weights, and train.json says so
     assert saved.keys() == raw.keys()
     assert any(not np.allclose(saved[k], raw[k]) for k in saved)
     assert _record(out)["training"]["params"]["ema"] == 0.9
 
+    # and a third epoch without the average goes on from the raw weights, and leaves no stale raw.params
     resumed = subprocess.run(
-        [*cmd, "--epochs", "4", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+        [*cmd, "--epochs", "3", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [h["epoch"] for h in _record(out)["history"]] == [1, 2, 3, 4]
-    after = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model.params")).items()}
-    raw_after = {k: v.asnumpy() for k, v in mx.nd.load(str(out / "raw.params")).items()}
-    # training went on from the raw weights, and the average moved with it, still apart from them
-    assert any(not np.allclose(raw_after[k], raw[k]) for k in raw)
-    assert any(not np.allclose(after[k], saved[k]) for k in saved)
-    assert any(not np.allclose(after[k], raw_after[k]) for k in after)
+    assert [h["epoch"] for h in _record(out)["history"]] == [1, 2, 3]
+    assert not (out / "raw.params").exists()
+    assert any(not np.allclose(load("model.params")[k], raw[k]) for k in raw)
+
+
+def test_a_resumed_average_is_the_saved_one_and_the_net_keeps_its_raw_weights(tmp_path: Path) -> None:
+    import mxnet as mx
+    from mxnet import gluon
+
+    from lineside.export.train import TrainOptions, WeightAverage
+
+    # given a run folder whose model.params holds the average (2.0) and raw.params the trained weights (5.0)
+    net = gluon.nn.Dense(2, in_units=3)
+    net.initialize()
+    for value, name in ((2.0, "model.params"), (5.0, "raw.params")):
+        for p in net.collect_params().values():
+            p.set_data(mx.nd.full(p.shape, value))
+        net.save_parameters(str(tmp_path / name))
+    # (resume_run has loaded the raw weights into the net)
+
+    # when the average starts on the resumed run
+    average = WeightAverage.start(net, TrainOptions(out=tmp_path, ema=0.9), [mx.cpu()], resumed=True)
+
+    # then it carries on from the saved average, not from the net's weights
+    assert average is not None
+    with average.applied():
+        assert net.weight.data().asnumpy() == pytest.approx(2.0)
+    assert net.weight.data().asnumpy() == pytest.approx(5.0)
+
+
+def test_swapping_the_average_in_keeps_every_device_and_the_optimiser_state() -> None:
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from lineside.export.train import WeightAverage
+
+    # given a net trained on two devices (two CPU contexts stand for two GPUs): its kvstore holds Adam's state
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    net = gluon.nn.Dense(2, in_units=3)
+    net.initialize(ctx=ctxs)
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 0.1})
+    average = WeightAverage(net, decay=0.5, ctx=ctxs[0])
+
+    def step() -> None:
+        with autograd.record():
+            losses = [net(mx.nd.ones((4, 3), ctx=c)).sum() for c in ctxs]
+        autograd.backward(losses)
+        trainer.step(8)
+
+    step()
+    average.update(1)
+    step()
+    average.update(2)
+    raw = [a.asnumpy() for a in net.weight.list_data()]
+    assert trainer._kv_initialized
+
+    # when the average is swapped in and out
+    with average.applied():
+        held = [a.asnumpy() for a in net.weight.list_data()]
+
+    # then both devices held it, both got their own weights back, and the optimiser state was not reset
+    expected = average.shadow[average.params.index(net.weight)].asnumpy()
+    assert all(np.allclose(h, expected) for h in held)
+    assert not np.allclose(expected, raw[0])
+    assert all(np.allclose(a.asnumpy(), r) for a, r in zip(net.weight.list_data(), raw, strict=True))
+    assert trainer._kv_initialized
 
 
 def test_a_bad_ema_decay_is_refused(tmp_path: Path) -> None:
