@@ -1,12 +1,15 @@
 """What is done with an SSD's detections after NMS, without retraining: each variant applied to every
-detection of the validation and test series, calibrated on validation (box threshold by avg F1, as
-`build` does for the SSD; boxes reported on the images the bundle's operating point flags) and scored
-on the test series, pooled and per series, for each bundle given.
+detection of the validation and test series, then calibrated on validation as `build` calibrates the
+SSD (box threshold and box scale by avg F1; boxes reported on the images the bundle's operating point
+flags) and scored on the test series, pooled and per series, for each bundle given. So `none` is what
+`build` gives, and `scale:S` grows the boxes by S on top of the calibrated scale (`--box-scales 1.0`:
+calibration keeps the boxes as they are, as before build calibrated a scale).
 
 Variants: `none`; `contain:C` (a box is dropped when a better-scored box covers more than C of the
 smaller one's area: fragments of one large defect, a box inside a box); `merge:C` (boxes overlapping by
 more than C of the smaller one's area become their union, with the best score); `scale:S` (every box
-grown by S about its centre). `+` chains them, e.g. `contain:0.6+scale:1.2`.
+grown by S about its centre); `relative:A` (only boxes scoring at least A times the image's best).
+`+` chains them, e.g. `contain:0.6+scale:1.2`.
 
 Run in the export environment:
 `python benchmarks/ssd_post_variants.py --bundles B1,B2 --data ../shared/data/gdxray --variants none,contain:0.6`.
@@ -24,7 +27,7 @@ import numpy as np
 from lineside.agent.inference.engine import InferenceEngine
 from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
 from lineside.agent.inference.types import ModelOutputs
-from lineside.agent.models.ssd import SSDOutput, ssd_detections
+from lineside.agent.models.ssd import SSDOutput, grown, ssd_detections
 from lineside.export.data import datasets_for
 from lineside.export.data.base import Sample
 from lineside.export.models import EXPORT_KINDS
@@ -82,14 +85,22 @@ def merge(c: float) -> Callable[[np.ndarray, np.ndarray], Boxes]:
 
 def scale(s: float) -> Callable[[np.ndarray, np.ndarray], Boxes]:
     def run(boxes: np.ndarray, scores: np.ndarray) -> Boxes:
-        c = (boxes[:, :2] + boxes[:, 2:]) / 2
-        half = (boxes[:, 2:] - boxes[:, :2]) / 2 * s
-        return np.concatenate([c - half, c + half], axis=1).astype(np.float32), scores
+        return grown(boxes, s, None), scores  # build's box scale, clipped to the image where it is reported
 
     return run
 
 
-STEPS = {"contain": contain, "merge": merge, "scale": scale}
+def relative(a: float) -> Callable[[np.ndarray, np.ndarray], Boxes]:
+    def run(boxes: np.ndarray, scores: np.ndarray) -> Boxes:
+        if not len(scores):
+            return boxes, scores
+        keep = scores >= a * scores.max()
+        return boxes[keep], scores[keep]
+
+    return run
+
+
+STEPS = {"contain": contain, "merge": merge, "scale": scale, "relative": relative}
 
 
 def variant(spec: str) -> Callable[[np.ndarray, np.ndarray], Boxes]:
@@ -130,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles", required=True, help="comma-separated bundles with an SSD")
     parser.add_argument("--data", required=True, help="the data set (its default split: val calibrates, test scores)")
     parser.add_argument("--variants", default="none,contain:0.6,merge:0.6,scale:1.2", help="comma-separated")
+    parser.add_argument(
+        "--box-scales", help="comma-separated scales calibration may pick (default: build's); 1.0: none"
+    )
     args = parser.parse_args(argv)
     _, _train, val, test, _split = datasets_for(args.data, None)
     samples = {name: [s for s in ds.samples if s.annotated] for name, ds in (("val", val), ("test", test))}
     kind = EXPORT_KINDS["ssd"]
+    if args.box_scales:
+        kind.box_scales = tuple(float(v) for v in args.box_scales.split(","))  # type: ignore[attr-defined]
     groups = [s.group for s in samples["test"]]
     table: dict[str, list[float]] = {}
     for bundle in args.bundles.split(","):
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 outputs[split] = []
                 for h, w, (boxes, scores) in rows:
                     b, sc = post(boxes, scores)
-                    out = SSDOutput(score=float(sc.max()) if sc.size else 0.0, boxes=b, scores=sc)
+                    out = SSDOutput(score=float(sc.max()) if sc.size else 0.0, boxes=b, scores=sc, image_hw=(h, w))
                     outputs[split].append(ModelOutputs(h, w, {"ssd": out}))
             thresholds, figures = kind.calibrate(outputs["val"], samples["val"])
             # Boxes are reported on the images the bundle's operating point flags, as `evaluate` scores them.
@@ -161,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 per[group] = round(100 * sub["study"]["avg_f1"], 1)
             table.setdefault(spec, []).append(ev["study"]["avg_f1"])
+            study, name = ev["study"], Path(bundle).parent.parent.name
             print(
-                f"{Path(bundle).parent.parent.name:<12} {spec:<22} val avg F1 {figures['avg_f1_defective_images']:.3f} "
-                f"box thr {thresholds.box:.3f} | test avg F1 {ev['study']['avg_f1']:.3f} avg IoU "
-                f"{ev['study']['avg_iou']:.3f} AP50 {ev['ap50']:.3f} R@.25 {ev['box']['iou25']['recall']:.3f} | {per}",
+                f"{name:<12} {spec:<22} val avg F1 {figures['avg_f1_defective_images']:.3f} box thr "
+                f"{thresholds.box:.3f} scale {thresholds.box_scale:g} | test avg F1 {study['avg_f1']:.3f} avg IoU "
+                f"{study['avg_iou']:.3f} AP50 {ev['ap50']:.3f} R@.25 {ev['box']['iou25']['recall']:.3f} | {per}",
                 flush=True,
             )
     if len(args.bundles.split(",")) > 1:

@@ -561,6 +561,7 @@ BAD_THRESHOLDS = [
     ({"thresholds": {"unet": {"image": 0.5}}}, "unknown model kind 'unet'"),
     ({"thresholds": {"classifier": {"pixel": 0.5}}}, "cannot be set at run time"),
     ({"thresholds": {"classifier": {"kind": 1.0}}}, "cannot be set at run time"),
+    ({"thresholds": {"ssd": {"box_scale": 1.2}}}, "ssd.box_scale cannot be set at run time"),
     ({"thresholds": {"classifier": {"image": "0.5"}}}, "valid number"),
     ({"thresholds": {"classifier": {"image": True}}}, "valid number"),
     ({"thresholds": {"classifier": {"image": None}}}, "valid number"),

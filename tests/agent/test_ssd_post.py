@@ -174,6 +174,7 @@ def test_real_ssd_heads_from_the_test_bundle(test_bundle: Path) -> None:
                 ssd.spec.preprocessing.input_size,
             )
             _assert_same((out.boxes, out.scores), ref)
+            assert out.image_hw == image.shape[:2]  # what a calibrated box scale clips to
             compared += len(ref[1])
     finally:
         engine.close()
@@ -198,10 +199,11 @@ def test_non_finite_heads_give_the_reference_detections() -> None:
 
 
 def test_grown_boxes_keep_their_centre_and_stay_inside_the_image() -> None:
-    boxes = np.asarray([[10, 20, 30, 60], [0, 0, 10, 10]], np.float32)
-    out = grown(boxes, 1.5, (100, 200))
+    boxes = np.asarray([[10, 20, 30, 60], [0, 0, 10, 10], [180, 80, 200, 100]], np.float32)
+    out = grown(boxes, 1.5, (100, 200))  # 100 rows, 200 columns
     assert out[0].tolist() == [5.0, 10.0, 35.0, 70.0]
     assert out[1].tolist() == [0.0, 0.0, 12.5, 12.5]  # clipped at the image's top-left corner
+    assert out[2].tolist() == [175.0, 75.0, 200.0, 100.0]  # and at its bottom-right one: x by width, y by height
     assert grown(boxes, 1.0, (100, 200)) is boxes
 
 

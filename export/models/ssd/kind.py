@@ -158,6 +158,7 @@ class SSDKind(ExportKind):
     device = SSD
     default_epochs = 10
     tolerances = TOLERANCES
+    box_scales: tuple[float, ...] = BOX_SCALES  # what calibration tries; a study may narrow it
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -318,7 +319,7 @@ class SSDKind(ExportKind):
         all_scores = np.concatenate([m.scores for m in mine] + [np.zeros(1, np.float32)])  # type: ignore[attr-defined]
         candidates = np.unique(np.quantile(all_scores, np.linspace(0.0, 1.0, 41)))
         by_scale: dict[float, tuple[float, float]] = {}  # scale -> (best avg F1, its box threshold)
-        for scale in BOX_SCALES:
+        for scale in self.box_scales:
             evals = self.image_evals(outputs, samples, SSDThresholds(image=float(t_img), box_scale=scale), gate=False)
             by_scale[scale] = max(
                 ((metrics.study_table(evals, score_threshold=float(c)).avg_f1, float(c)) for c in candidates),
