@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from lineside.agent.inference.engine import InferenceEngine
-from lineside.agent.inference.preprocess import BatchBuilder, layout_for, windowed
 from lineside.agent.inference.types import ModelOutputs
-from lineside.agent.models.ssd import SSDOutput, grown, ssd_detections
+from lineside.agent.models.ssd import SSDOutput, grown
 from lineside.export.data import datasets_for
 from lineside.export.data.base import Sample
 from lineside.export.models import EXPORT_KINDS
@@ -114,26 +113,14 @@ def variant(spec: str) -> Callable[[np.ndarray, np.ndarray], Boxes]:
     return run
 
 
-def detections(bundle: Path, samples: dict[str, list[Sample]]) -> tuple[dict[str, list[tuple[int, int, Boxes]]], float]:
-    """Each image's (height, width, NMS survivors), and the bundle's image threshold for the SSD."""
+def detections(bundle: Path, samples: dict[str, list[Sample]]) -> tuple[dict[str, list[ModelOutputs]], float]:
+    """Each image's outputs through the agent's engine, and the bundle's image threshold for the SSD."""
     engine = InferenceEngine.load(bundle, providers=["cpu"], skip_unneeded_models=False)
-    spec = engine.manifest.models["ssd"]
-    image_threshold = spec.thresholds.image
-    runner, ssd = engine._runners["ssd"], engine._kinds["ssd"]  # the engine's own session and decode
-    found: dict[str, list[tuple[int, int, Boxes]]] = {}
-    for split, items in samples.items():
-        found[split] = []
-        for s in items:
-            image = s.load()
-            prep = spec.preprocessing
-            layout = layout_for(image.shape, prep)
-            tensors = runner.run(BatchBuilder(prep).build(windowed(image, prep), layout))
-            dets = ssd_detections(
-                tensors["class_probs"], tensors["box_deltas"], ssd.anchors, ssd.post, layout, prep.input_size
-            )
-            found[split].append((image.shape[0], image.shape[1], dets))
-    engine.close()
-    return found, image_threshold
+    try:
+        found = {split: [engine.analyze(s.load()) for s in items] for split, items in samples.items()}
+        return found, engine.manifest.models["ssd"].thresholds.image
+    finally:
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             outputs: dict[str, list[ModelOutputs]] = {}
             for split, rows in found.items():
                 outputs[split] = []
-                for h, w, (boxes, scores) in rows:
-                    b, sc = post(boxes, scores)
-                    out = SSDOutput(score=float(sc.max()) if sc.size else 0.0, boxes=b, scores=sc, image_hw=(h, w))
-                    outputs[split].append(ModelOutputs(h, w, {"ssd": out}))
+                for o in rows:
+                    ssd = o.models["ssd"]
+                    b, sc = post(ssd.boxes, ssd.scores)  # type: ignore[attr-defined]
+                    out = SSDOutput(
+                        score=float(sc.max()) if sc.size else 0.0, boxes=b, scores=sc, image_hw=(o.height, o.width)
+                    )
+                    outputs[split].append(ModelOutputs(o.height, o.width, {"ssd": out}))
             thresholds, figures = kind.calibrate(outputs["val"], samples["val"])
             # Boxes are reported on the images the bundle's operating point flags, as `evaluate` scores them.
             thresholds = thresholds.model_copy(update={"image": image_threshold})
