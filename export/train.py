@@ -338,24 +338,24 @@ def run_loop(
                 stopped = "budget"
                 break
         train_loss = float(np.mean(losses))
-        with average.applied() if average is not None else nullcontext():
-            val_loss = validate()
         if not np.isfinite(train_loss):
             raise ExportError(f"{name}: training diverged at epoch {epoch} (loss {train_loss})")
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-        seconds = clock.used()
-        cut = stopped == "budget"
-        partial_note = f" (partial: {len(losses)}/{opts.iters_per_epoch} it, budget used)" if cut else ""
-        tqdm.write(
-            f"{name} epoch {epoch}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-            f"({seconds:.0f} s){partial_note}"
-        )
-        # A usable run folder after every epoch: long runs can be built from before they end.
+        # A usable run folder after every epoch: long runs can be built from before they end. With an average,
+        # raw.params keeps the trained weights, and validation and model.params use the average (one swap).
         if average is not None:
             average.save_raw(opts.out)
         else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
             (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
+            val_loss = validate()
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            seconds = clock.used()
+            cut = stopped == "budget"
+            partial_note = f" (partial: {len(losses)}/{opts.iters_per_epoch} it, budget used)" if cut else ""
+            tqdm.write(
+                f"{name} epoch {epoch}/{opts.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                f"({seconds:.0f} s){partial_note}"
+            )
             checkpoint(history, seconds, stopped=stopped)
         _save_trainer(trainer, opts.out)
         if stopped == "budget":
