@@ -208,13 +208,17 @@ def test_ema_saves_the_average_and_resume_carries_it_on(synth_set: tuple[Path, S
     assert _record(out)["training"]["params"]["ema"] == 0.9
 
     # and a third epoch without the average goes on from the raw weights, and leaves no stale raw.params
+    # (at a learning rate of 0 the weights cannot move: the third epoch's are the ones it started from)
     resumed = subprocess.run(
-        [*cmd, "--epochs", "3", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+        [*cmd, "--epochs", "3", "--lr", "0", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [h["epoch"] for h in _record(out)["history"]] == [1, 2, 3]
     assert not (out / "raw.params").exists()
-    assert any(not np.allclose(load("model.params")[k], raw[k]) for k in raw)
+    after = load("model.params")
+    learnt = [k for k in raw if "running" not in k]  # BatchNorm statistics move in any training forward pass
+    assert learnt and all(np.allclose(after[k], raw[k]) for k in learnt)
 
 
 def test_a_resumed_average_is_the_saved_one_and_the_net_keeps_its_raw_weights(tmp_path: Path) -> None:
