@@ -191,13 +191,16 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
         )
         runs[kind] = EXPORT_KINDS[kind].train(train, val, train_opts, split)
         timings[f"train_{kind}_s_this_session"] = time.perf_counter() - t0
-        record = json.loads((run / "train.json").read_text(encoding="utf-8"))["training"]
+        run_json = json.loads((run / "train.json").read_text(encoding="utf-8"))
+        record = run_json["training"]
         trained[kind] = {
             "epochs": record["epochs"],
             "seconds": record["seconds"],
             "stopped_by": record["params"].get("stopped_by"),
             "budget_minutes": round(minutes, 2),
             "final_val_loss": record["final_val_loss"],
+            # the learning curve: is the model still improving when the budget ends?
+            "val_loss_by_epoch": [h["val_loss"] for h in run_json["history"]],
         }
         if record["epochs"] <= 1 and record["params"].get("stopped_by") == "budget":
             warnings.append(
@@ -264,6 +267,10 @@ def _stale(bundle: Path, runs: dict[str, Path]) -> bool:
     return any((run / "train.json").stat().st_mtime > built for run in runs.values())
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: what a plant engineer reads after a run."""
     from lineside.export.metrics import format_table
@@ -304,7 +311,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- flag-everything image F1 (the baseline to beat): {point['flag_everything_image_f1']:.3f}",
             "- AUROC: " + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in auroc.items()),
             f"- latency per image on {', '.join(ev['providers'])}: median {ev['latency_ms']['median']:.1f} ms",
+            "",
+            "Per series (the bundle's decision; where the figures come from):",
+            "",
+            "| series | images | defective | recall | false alarms | AUROC | avg F1 |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for group, g in ev.get("per_group", {}).items():
+            cells = [str(g["images"]), str(g["defective"])]
+            cells += [_fmt(g[k], ".3f") for k in ("recall", "false_alarm_rate", "auroc")] + [_fmt(g["avg_f1"], ".1%")]
+            lines.append(f"| {group} | {' | '.join(cells)} |")
+    lines += ["", "## Learning curves (validation loss per epoch)", ""]
+    for kind, t in report["trained"].items():
+        curve = ", ".join(f"{v:.3f}" for v in t.get("val_loss_by_epoch", []))
+        lines.append(f"- {kind}: {curve or '-'}")
     lines += ["", "## Timings (this session)", ""]
     lines += [f"- {k}: {v:.0f} s" for k, v in report["timings_s"].items()]
     lines += ["", "## Warnings", ""]

@@ -77,6 +77,14 @@ def test_train_all_resumes_after_an_interruption_and_reports(recipe_data: Path, 
     assert any("barely trained" in w or "rough guess" in w for w in report["warnings"])
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "## Test series" in markdown and "operating point" in markdown and "AUROC" in markdown
+    # where the figures come from: one row per test series, and each model's learning curve
+    assert set(test["per_group"]) == set(split["test"])
+    for group, g in test["per_group"].items():
+        assert f"| {group} | {g['images']} | {g['defective']} |" in markdown
+    for kind, t in report["trained"].items():
+        assert len(t["val_loss_by_epoch"]) == t["epochs"] > 0
+        assert f"- {kind}: " + ", ".join(f"{v:.3f}" for v in t["val_loss_by_epoch"]) in markdown
+    assert report["trained"]["ssd"]["val_loss_by_epoch"] == [h["val_loss"] for h in after["history"]]
     # the budget holds: training (all sessions) within a minute plus one checkpoint's slack
     assert sum(t["seconds"] for t in report["trained"].values()) < 60 * 1.5
 
