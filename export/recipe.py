@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +133,38 @@ def _verified_normals(train: Dataset) -> int:
     return sum(1 for s in train.samples if s.annotated and s.label is False and not s.boxes)
 
 
+def preflight(
+    opts: RecipeOptions, train: Dataset, calib: Dataset, weights_missing: Callable[[], str | None]
+) -> tuple[dict[str, ModelRecipe], list[str]]:
+    """Before any training: the models' settings as this data allows them, and the report's warnings so far.
+
+    No training image, or no annotated calibration image, is an error; too few verified defect-free
+    training images switch simulation off, and missing ImageNet weights the SSD's backbone (warnings).
+    `weights_missing` says why the ImageNet weights cannot be read, or None."""
+    if not train.samples:
+        raise ExportError(f"{opts.data}: the split leaves no training image")
+    if not [s for s in calib.samples if s.annotated]:
+        raise ExportError(f"{opts.calib or opts.data}: no annotated image to calibrate on (give --calib)")
+    warnings: list[str] = []
+    models = dict(opts.models)
+    normals = _verified_normals(train)
+    if normals < MIN_SIMULATION_NORMALS and any(m.simulate for m in models.values()):
+        warnings.append(
+            f"only {normals} verified defect-free training image(s): defect simulation needs at least "
+            f"{MIN_SIMULATION_NORMALS} and is switched off (the SSD and classifier learn from real defects only)"
+        )
+        models = {k: replace(m, simulate=0.0, copy_paste=0.0) for k, m in models.items()}
+    ssd = models.get("ssd")
+    missing = weights_missing() if ssd is not None and ssd.imagenet == "auto" else None
+    if ssd is not None and missing:
+        models["ssd"] = replace(ssd, preset=SSD_FALLBACK_PRESET, imagenet=None)
+        warnings.append(
+            f"no ImageNet weights ({missing}): the SSD trains from scratch ({SSD_FALLBACK_PRESET}), which "
+            "localises far worse"
+        )
+    return models, warnings
+
+
 def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
     """Train, build, evaluate and report; returns the report (also written as report.json/report.md)."""
     from lineside.export.build import BuildOptions, build_bundle, dataset_summary
@@ -143,27 +176,7 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
     resuming = _check_or_record(opts)
     dataset, train, val, test, split = datasets_for(opts.data, opts.split)
     calib = datasets_for(opts.calib, None)[0] if opts.calib else val
-    if not train.samples:
-        raise ExportError(f"{opts.data}: the split leaves no training image")
-    if not [s for s in calib.samples if s.annotated]:
-        raise ExportError(f"{opts.calib or opts.data}: no annotated image to calibrate on (give --calib)")
-    warnings: list[str] = []
-    normals = _verified_normals(train)
-    simulate_ok = normals >= MIN_SIMULATION_NORMALS
-    if not simulate_ok:
-        warnings.append(
-            f"only {normals} verified defect-free training image(s): defect simulation needs at least "
-            f"{MIN_SIMULATION_NORMALS} and is switched off (the SSD and classifier learn from real defects only)"
-        )
-    models = dict(opts.models)
-    ssd = models.get("ssd")
-    missing = _imagenet_weights_missing() if ssd is not None and ssd.imagenet == "auto" else None
-    if ssd is not None and missing:
-        models["ssd"] = replace(ssd, preset=SSD_FALLBACK_PRESET, imagenet=None)
-        warnings.append(
-            f"no ImageNet weights ({missing}): the SSD trains from scratch ({SSD_FALLBACK_PRESET}), which "
-            "localises far worse"
-        )
+    models, warnings = preflight(opts, train, calib, _imagenet_weights_missing)
     train_budget = opts.minutes * TRAIN_SHARE
     timings: dict[str, float] = {}
     runs: dict[str, Path] = {}
@@ -182,8 +195,8 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
             iters_per_epoch=recipe.iters,
             learning_rate=recipe.lr,
             preset=recipe.preset,
-            simulate=recipe.simulate if simulate_ok else 0.0,
-            copy_paste=recipe.copy_paste if simulate_ok else 0.0,
+            simulate=recipe.simulate,
+            copy_paste=recipe.copy_paste,
             imagenet=recipe.imagenet,
             sim_px_per_mm=recipe.sim_px_per_mm,
             minutes=minutes,
@@ -202,6 +215,14 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
             # the learning curve: is the model still improving when the budget ends?
             "val_loss_by_epoch": [h["val_loss"] for h in run_json["history"]],
         }
+        simulated = record["params"].get("simulation") or {}
+        if simulated.get("no_part"):
+            names = simulated["no_part"]
+            listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            warnings.append(
+                f"{kind}: the part mask found no part on {len(names)} of {simulated['normals']} defect-free "
+                f"training images ({listed}): defects were not simulated on them"
+            )
         if record["epochs"] <= 1 and record["params"].get("stopped_by") == "budget":
             warnings.append(
                 f"{kind}: the budget ({minutes:.1f} min) did not hold one full epoch: the model is barely trained"

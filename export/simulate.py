@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -499,13 +499,25 @@ class SimulatedTiles:
         self.max_defects = max_defects
         self.paste_share = paste_share
         self.backgrounds: list[Background] = []
+        self.no_part: list[str] = []  # defect-free images the part mask found no part on: not simulated on
         for name, unit in normals:
             try:
                 self.backgrounds.append(analyse(unit, self.config))
-            except NoPartError as err:
-                logger.info("simulation skips %s: %s", name, err)
+            except NoPartError:
+                self.no_part.append(name)
         if not self.backgrounds:
-            raise DatasetError("no defect-free training image with a part to simulate defects on")
+            raise DatasetError(
+                f"the part mask found no part on any of the {len(normals)} defect-free training image(s): "
+                "nothing to simulate defects on (switch simulation off, or check the images' exposure)"
+            )
+        if self.no_part:
+            logger.warning(
+                "simulation: the part mask found no part on %d of %d defect-free training images (%s): "
+                "they are not simulated on",
+                len(self.no_part),
+                len(normals),
+                ", ".join(self.no_part[:5]) + (", ..." if len(self.no_part) > 5 else ""),
+            )
         self.residuals: list[Residual] = []
         if paste_share > 0:
             for _name, unit, boxes in defective:
@@ -521,6 +533,15 @@ class SimulatedTiles:
             len(self.backgrounds),
             len(self.residuals),
         )
+
+    def summary(self) -> dict[str, Any]:
+        """What the simulator drew on, for the run record (train.json) and the recipe's report."""
+        return {
+            "normals": len(self.backgrounds) + len(self.no_part),
+            "backgrounds": len(self.backgrounds),
+            "no_part": list(self.no_part),
+            "copy_paste_defects": len(self.residuals),
+        }
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
         """One tile (size x size) with 1..max_defects defects, and their boxes in tile pixels."""
@@ -582,8 +603,9 @@ def attach(
     paste_share: float,
     seed: int,
     config: SimConfig | None = None,
-) -> None:
-    """Let `sampler` draw `share` of its positives from defects simulated on `images`' verified normals.
+) -> dict[str, Any] | None:
+    """Let `sampler` draw `share` of its positives from defects simulated on `images`' verified normals;
+    returns the simulator's summary (None when `share` is 0).
 
     `images` must be the training split only: validation and test images never feed the simulator.
     `paste_share` of the simulated tiles use copy-paste of real training defects instead of physics.
@@ -591,12 +613,13 @@ def attach(
     if not 0 <= share <= 1 or not 0 <= paste_share <= 1:
         raise DatasetError(f"simulation shares must lie in [0, 1], got {share} and {paste_share}")
     if share == 0:
-        return
+        return None
     normals = [(im.name, im.unit) for im in images if im.annotated and im.label is False and not len(im.boxes)]
     defective = [(im.name, im.unit, im.boxes) for im in images if im.annotated and len(im.boxes)]
     # Its own random stream: the sampler's stays as it was, apart from the one draw per positive.
     rng = np.random.default_rng([seed, 7919])
-    sampler.extra_positives = SimulatedTiles(
+    tiles = SimulatedTiles(
         normals, sampler.size, sampler.pad, rng, defective=defective, paste_share=paste_share, config=config
     )
-    sampler.extra_share = share
+    sampler.extra_positives, sampler.extra_share = tiles, share
+    return tiles.summary()

@@ -394,6 +394,7 @@ def write_run(
     n_train: int,
     n_val: int,
     stopped: str = "epochs",
+    simulation: dict[str, Any] | None = None,
 ) -> Path:
     opts.out.mkdir(parents=True, exist_ok=True)
     tmp = opts.out / (PARAMS_FILE + ".tmp")
@@ -423,6 +424,7 @@ def write_run(
             "planned_epochs": opts.epochs,
             "minutes": opts.minutes,
             "ema": opts.ema,
+            "simulation": simulation,  # what the simulator drew on (SimulatedTiles.summary), None: off
             "stopped_by": stopped,
         },
     )

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lineside.agent.errors import DatasetError
 from lineside.export.simulate import (
     Background,
     Defect,
@@ -204,6 +205,27 @@ def test_simulated_tiles_have_boxes_inside_the_tile():
         assert tile.shape == (64, 64) and tile.dtype == np.float32
         assert len(boxes) >= 1
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+
+
+def test_images_without_a_part_are_left_out_counted_and_named(caplog):
+    # given two castings and a flat grey frame the part mask finds no part on
+    blank = np.full((160, 160), 0.5, np.float32)
+    normals = [("a", _casting(seed=1)), ("blank", blank), ("b", _casting(seed=2))]
+
+    # when the simulator is made on them
+    with caplog.at_level("WARNING", logger="lineside.export.simulate"):
+        tiles = SimulatedTiles(normals, 64, 0.5, np.random.default_rng(0))
+
+    # then it draws on the castings only, and says which image it left out (train.json and the report carry it)
+    assert tiles.summary() == {"normals": 3, "backgrounds": 2, "no_part": ["blank"], "copy_paste_defects": 0}
+    assert any("no part on 1 of 3" in r.getMessage() and "blank" in r.getMessage() for r in caplog.records)
+
+
+def test_no_image_with_a_part_is_a_clear_error():
+    blank = np.full((160, 160), 0.5, np.float32)
+
+    with pytest.raises(DatasetError, match="found no part on any of the 2 defect-free"):
+        SimulatedTiles([("x", blank), ("y", blank.copy())], 64, 0.5, np.random.default_rng(0))
 
 
 def test_simulation_on_real_gdxray_normal_finds_the_part(gdxray_root):

@@ -201,7 +201,7 @@ class SSDKind(ExportKind):
         sampler = TileSampler(train_images, size, prep.mean, rng, zoom=opts.zoom)
         # Training split only: validation and test images never feed the simulator.
         config = simulate.SimConfig.chosen(opts.sim_px_per_mm, opts.sim_flat, opts.sim_edges)
-        simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
+        simulation = simulate.attach(sampler, train_images, opts.simulate, opts.copy_paste, opts.seed, config)
         val_sampler = TileSampler(val_images, size, prep.mean, np.random.default_rng(opts.seed + 1))
         if not val_sampler.defective:
             raise DatasetError(f"{val.root}: the validation split has no annotated defective image")
@@ -265,7 +265,7 @@ class SSDKind(ExportKind):
 
         checkpoint = partial(
             write_run, opts=opts, net=net, kind="ssd", arch=arch, prep=prep, ctxs=ctxs, train=train, val=val,
-            split=split, n_train=len(train_images), n_val=len(val_images),
+            split=split, n_train=len(train_images), n_val=len(val_images), simulation=simulation,
         )  # fmt: skip
 
         run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history, average)
