@@ -61,7 +61,8 @@ RECOMMENDED: dict[str, ModelRecipe] = {
     # the from-scratch mobilenet0.25 reached 21.7 %; simulated defects drawn up to ~150 px (magnification 2.5-10
     # px/mm) reached 38.9 % (36.8 % with another seed), within the spread of runs; the first run's C0019 gain did
     # not repeat with the other seed; build's calibrated box scale takes them to 41.0 % and 38.8 %. Averaged
-    # weights (--ema) stayed within the spread, so they are not set (docs/evaluation.md, per-lever table).
+    # weights (--ema, three seeds) stayed within the spread, and so did a larger share (0.75) of the budget, so
+    # neither is set (docs/evaluation.md, per-lever table).
     "ssd": ModelRecipe(
         share=0.6,
         epochs=70,
