@@ -153,24 +153,6 @@ def detection_parity(
     return compared, unmatched, worst_px
 
 
-def init_ssd(net: mx.gluon.HybridBlock, ctxs: list[mx.Context], keep_features: bool = False) -> None:
-    """Initialise an SSD for training (after `net.initialize()`); `keep_features`: a zoo backbone's weights stay.
-
-    GluonCV's default init is uniform; from scratch, Xavier on the conv weights trains faster. The SSD's
-    expansion layers are symbolic BatchNorms whose parameters have no initialiser of their own, so the
-    uniform default reached them too: running variances below zero, which a barely trained model keeps and
-    ONNX Runtime turns into NaN (MXNet's ReLU hides it). They get BatchNorm's own defaults here."""
-    for name, param in net.collect_params().items():
-        if keep_features and "features" in name:
-            continue
-        if name.endswith("weight") and len(param.shape) >= 2:
-            param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
-        elif name.endswith(("_moving_var", "_running_var", "_gamma")):
-            param.initialize(mx.init.One(), ctx=ctxs, force_reinit=True)
-        elif name.endswith(("_moving_mean", "_running_mean", "_beta")):
-            param.initialize(mx.init.Zero(), ctx=ctxs, force_reinit=True)
-
-
 class SSDKind(ExportKind):
     name = "ssd"
     device = SSD
@@ -230,7 +212,10 @@ class SSDKind(ExportKind):
         )
         net.initialize(ctx=ctxs)
         anchors = anchors_of(net, size, ctxs[0]).expand_dims(0)  # also fixes every deferred shape
-        init_ssd(net, ctxs, keep_features=opts.pretrained)
+        # GluonCV's default init is uniform; from scratch, Xavier on the conv weights trains faster.
+        for name, param in net.collect_params().items():
+            if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
+                param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
         if opts.imagenet:
             from lineside.export.imagenet import load_backbone
 
