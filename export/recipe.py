@@ -171,6 +171,7 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
     from lineside.export.build import BuildOptions, build_bundle, dataset_summary
     from lineside.export.evaluate import evaluate_bundle
     from lineside.export.models import EXPORT_KINDS
+    from lineside.export.simulate import name_list
     from lineside.export.train import TrainOptions
 
     started = time.perf_counter()
@@ -219,10 +220,9 @@ def run_recipe(opts: RecipeOptions) -> dict[str, Any]:
         simulated = record["params"].get("simulation") or {}
         if simulated.get("no_part"):
             names = simulated["no_part"]
-            listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             warnings.append(
                 f"{kind}: the part mask found no part on {len(names)} of {simulated['normals']} defect-free "
-                f"training images ({listed}): defects were not simulated on them"
+                f"training images ({name_list(names)}): defects were not simulated on them"
             )
         if record["epochs"] <= 1 and record["params"].get("stopped_by") == "budget":
             warnings.append(
@@ -331,7 +331,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"of normal images, {point['false_boxes_per_normal_image']:.2f} false boxes per normal image, "
             f"box recall at IoU 0.25 {point['box_recall_iou25']:.3f}",
             f"- flag-everything image F1 (the baseline to beat): {point['flag_everything_image_f1']:.3f}",
-            "- AUROC: " + ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in auroc.items()),
+            "- AUROC: " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in auroc.items()),
             f"- latency per image on {', '.join(ev['providers'])}: median {ev['latency_ms']['median']:.1f} ms",
             "",
             "Per series (the bundle's decision; where the figures come from):",

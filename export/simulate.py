@@ -474,6 +474,11 @@ def paste(
 # -- training tiles -------------------------------------------------------------------------------
 
 
+def name_list(names: Sequence[str], shown: int = 5) -> str:
+    """The first `shown` names, comma-separated, '...' when there are more (logs and reports)."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 class SimulatedTiles:
     """Positive training tiles made on defect-free training images (physics and/or copy-paste).
 
@@ -516,7 +521,7 @@ class SimulatedTiles:
                 "they are not simulated on",
                 len(self.no_part),
                 len(normals),
-                ", ".join(self.no_part[:5]) + (", ..." if len(self.no_part) > 5 else ""),
+                name_list(self.no_part),
             )
         self.residuals: list[Residual] = []
         if paste_share > 0:
