@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -253,6 +254,11 @@ class Mosquitto:
             sock.bind(("127.0.0.1", 0))
             return int(sock.getsockname()[1])
 
+    def _ports(self) -> list[int]:
+        """The main port and every extra `listener` in `extra_conf`."""
+        extra = [int(p) for p in re.findall(r"^listener (\d+)", self.extra_conf, flags=re.MULTILINE)]
+        return [self.port, *extra]
+
     def _write_conf(self) -> Path:
         conf = self.folder / "mosquitto.conf"
         conf.write_text(
@@ -299,7 +305,10 @@ class Mosquitto:
                         time.sleep(0.2)
                         break  # someone else has the port: try again (a new one when it was never ours)
                     raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{text}")
-                if f"listen socket on port {self.port}" in text:
+                # "Opening ... listen socket" is logged before each bind; "running" only once every listener
+                # is open (a test's second, plain listener opened after the first one had been reported)
+                opened = all(f"listen socket on port {port}" in text for port in self._ports())
+                if opened and " running" in text:
                     return self
                 time.sleep(0.02)
             else:
