@@ -170,7 +170,9 @@ def to_unit_range(image: np.ndarray, bits_stored: int | None = None) -> np.ndarr
         full = float(2 ** (bits_stored or 16) - 1)
     else:
         raise ImageDecodeError("bad_dtype", f"expected uint8 or uint16 pixels, found {image.dtype}")
-    out = image.astype(np.float32) * np.float32(1.0 / full)
+    # A true division, not a product with 1/full: v / 255 and (257 v) / 65535 are then the same float32
+    # (both correctly rounded from the same quotient), so an 8-bit image and its 16-bit copy score alike.
+    out = image.astype(np.float32) / np.float32(full)
     if image.dtype == np.uint16 and bits_stored and bits_stored < 16:
         np.minimum(out, 1.0, out=out)
     return out
