@@ -34,6 +34,7 @@ from lineside.export.train import (
     continue_from,
     make_preprocessing,
     make_trainer,
+    refresh_batch_stats,
     resume_run,
     run_loop,
     seed_everything,
@@ -153,6 +154,26 @@ def detection_parity(
     return compared, unmatched, worst_px
 
 
+def init_ssd(net: mx.gluon.HybridBlock, ctxs: list[mx.Context], keep_features: bool = False) -> None:
+    """Initialise an SSD for training (after `net.initialize()`); `keep_features`: a zoo backbone's weights stay.
+
+    GluonCV's default init is uniform; from scratch, Xavier on the conv weights trains faster. The SSD's
+    expansion layers are symbolic BatchNorms whose parameters have no initialiser of their own, so the
+    uniform default reached them too: running variances below zero, which a barely trained model keeps and
+    ONNX Runtime turns into NaN (MXNet's ReLU hides it). Their running statistics get BatchNorm's defaults
+    here. Training normalises by batch statistics, so this changes only what a barely trained model infers;
+    their gamma and beta keep the init every measured run trained from."""
+    for name, param in net.collect_params().items():
+        if keep_features and "features" in name:
+            continue
+        if name.endswith("weight") and len(param.shape) >= 2:
+            param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
+        elif name.endswith(("_moving_var", "_running_var")):
+            param.initialize(mx.init.One(), ctx=ctxs, force_reinit=True)
+        elif name.endswith(("_moving_mean", "_running_mean")):
+            param.initialize(mx.init.Zero(), ctx=ctxs, force_reinit=True)
+
+
 class SSDKind(ExportKind):
     name = "ssd"
     device = SSD
@@ -212,10 +233,7 @@ class SSDKind(ExportKind):
         )
         net.initialize(ctx=ctxs)
         anchors = anchors_of(net, size, ctxs[0]).expand_dims(0)  # also fixes every deferred shape
-        # GluonCV's default init is uniform; from scratch, Xavier on the conv weights trains faster.
-        for name, param in net.collect_params().items():
-            if name.endswith("weight") and len(param.shape) >= 2 and not (opts.pretrained and "features" in name):
-                param.initialize(mx.init.Xavier(magnitude=2), ctx=ctxs, force_reinit=True)
+        init_ssd(net, ctxs, keep_features=opts.pretrained)
         if opts.imagenet:
             from lineside.export.imagenet import load_backbone
 
@@ -260,6 +278,12 @@ class SSDKind(ExportKind):
         def step(_: bool) -> float:
             return losses(*_ssd_batch(sampler, opts.batch_size, rng, 0.75, True), True)
 
+        stats_sampler = TileSampler(train_images, size, prep.mean, np.random.default_rng(opts.seed + 2))
+
+        def stats_inputs() -> list[tuple[mx.nd.NDArray, ...]]:
+            tiles = _ssd_batch(stats_sampler, opts.batch_size, stats_sampler.rng, 0.75, True)[0]
+            return [(x,) for x in split_load(normalise_tiles(tiles, prep), ctxs)]
+
         def validate() -> float:
             return float(np.mean([losses(*b, False) for b in val_batches]))
 
@@ -268,7 +292,8 @@ class SSDKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images), simulation=simulation,
         )  # fmt: skip
 
-        run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history, average)
+        refresh = partial(refresh_batch_stats, net, stats_inputs)
+        run_loop("ssd", opts, trainer, step, validate, checkpoint, clock, history, average, refresh)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:
