@@ -21,7 +21,7 @@ from typing import Any
 
 import mxnet as mx
 import numpy as np
-from mxnet import gluon
+from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from lineside.agent.bundle.manifest import Preprocessing, TrainingSummary
@@ -296,6 +296,34 @@ def split_load(batch: np.ndarray, ctxs: list[mx.Context]) -> list[mx.nd.NDArray]
     return gluon.utils.split_and_load(mx.nd.array(batch), ctxs, even_split=False)
 
 
+# BatchNorm's running statistics (momentum 0.9) keep 0.9**k of their start (mean 0, variance 1) after k
+# steps. Before STATS_WARM_STEPS steps they are re-estimated at every checkpoint; after that training has
+# moved them to its activations' own.
+STATS_WARM_STEPS = 50
+STATS_BATCHES = 20  # batches of a re-estimate: 0.9**20, 12 % of the statistics before it, is left
+
+
+def refresh_batch_stats(
+    net: gluon.HybridBlock, inputs: Callable[[], list[tuple[mx.nd.NDArray, ...]]], batches: int = STATS_BATCHES
+) -> None:
+    """Re-estimate BatchNorm's running statistics with the current weights, on training batches (`inputs`:
+    the net's arguments, per device), without a weight update.
+
+    Why: a run of a few steps keeps running statistics near their start while its activations are far from
+    it. In inference its ReLU6s then saturate, and every image gets the same score (a classifier trained
+    for six steps gave 0.4128 on every one): a model that ranks nothing, calibrated right at its one score.
+    MXNet moves running statistics in the backward pass, not the forward one: each batch goes through both
+    (the gradients are overwritten by the next training step; no trainer step is taken here).
+    """
+    for _ in range(batches):
+        with autograd.record(train_mode=True):
+            outs = [net(*args) for args in inputs()]
+            # the first output (logits, reconstruction, class scores) depends on every BatchNorm
+            heads = [(out[0] if isinstance(out, list | tuple) else out).sum() for out in outs]
+        autograd.backward(heads)
+    mx.nd.waitall()
+
+
 def run_loop(
     name: str,
     opts: TrainOptions,
@@ -306,13 +334,16 @@ def run_loop(
     clock: TrainClock | None = None,
     history: list[dict[str, float]] | None = None,
     average: WeightAverage | None = None,
+    refresh_stats: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, float]], float]:
     """Epoch loop with tqdm progress; per-epoch mean train loss and validation loss.
 
     Ends after `opts.epochs` epochs (counting resumed ones) or when the clock's budget is used up, in
     the middle of an epoch if need be (that epoch is recorded as partial). After every epoch the run
     folder is complete (weights, record, optimiser state): it can be built from, or resumed. With an
-    `average`, it is updated after every step, and validation and the saved model use it.
+    `average`, it is updated after every step, and validation and the saved model use it. `refresh_stats`
+    re-estimates BatchNorm's running statistics, before validation, while fewer than STATS_WARM_STEPS steps
+    are done (`refresh_batch_stats`).
     """
     clock = clock or TrainClock(opts.minutes * 60 if opts.minutes else None)
     history = list(history or [])
@@ -347,6 +378,8 @@ def run_loop(
         else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
             (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
+            if refresh_stats is not None and trainer.optimizer.num_update < STATS_WARM_STEPS:
+                refresh_stats()
             val_loss = validate()
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             seconds = clock.used()

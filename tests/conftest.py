@@ -96,7 +96,8 @@ def trained_runs(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for kind, handler in EXPORT_KINDS.items():
-        opts = TrainOptions(out=root / kind, epochs=2, iters_per_epoch=3, batch_size=4, val_batches=2, seed=1)
+        # 20 steps: enough for scores that differ from image to image, with golden verdicts clear of the boundary
+        opts = TrainOptions(out=root / kind, epochs=2, iters_per_epoch=10, batch_size=4, val_batches=2, seed=1)
         runs[kind] = handler.train(train, val, opts, split)
     export_to = os.environ.get("LINESIDE_EXPORT_TEST_RUNS_TO")
     if export_to:

@@ -83,10 +83,17 @@ def test_sixteen_bit_image_gives_the_same_scores_as_eight_bit(engine: InferenceE
 
 
 def test_twelve_bit_data_in_sixteen_bit_words_uses_bits_stored(engine: InferenceEngine, test_bundle: Path) -> None:
-    image8 = _golden_image(test_bundle)
-    image12 = (image8.astype(np.uint16) * 4095 // 255).astype(np.uint16)
+    # given an 8-bit radiograph on multiples of 17 and the same intensities as 12-bit data in 16-bit words:
+    # 17 k / 255 and 273 k / 4095 are the same quotient, so both give the same float32 input
+    # (a barely trained test model moves by a lot for a fraction of a grey level: no approximate copy will do)
+    image8 = (_golden_image(test_bundle) // 17 * 17).astype(np.uint8)
+    image12 = (image8.astype(np.uint16) // 17 * 273).astype(np.uint16)
+    # when both are inspected, the 12-bit one with its bits_stored, and once without it
     p8, p12 = engine.predict(image8), engine.predict(image12, bits_stored=12)
-    assert p12.model_scores["classifier"] == pytest.approx(p8.model_scores["classifier"], abs=0.02)
+    as16 = engine.predict(image12)
+    # then bits_stored gives the 8-bit image's scores, and reading the words as 16-bit data does not
+    assert p12.model_scores == pytest.approx(p8.model_scores, abs=1e-6)
+    assert as16.model_scores != pytest.approx(p8.model_scores, abs=1e-3)
 
 
 def test_golden_check_passes_on_the_built_bundle(engine: InferenceEngine) -> None:
@@ -306,7 +313,9 @@ def test_threshold_overrides_apply_to_predict_until_cleared(classifier_rule_bund
         # then the verdict follows the override, the raw scores do not move, and the bundle's values stay
         assert loud.is_defective and "classifier" in loud.fired
         assert "classifier" not in quiet.fired or plain.model_scores["classifier"] >= 1.0
-        assert loud.model_scores == pytest.approx(plain.model_scores)
+        shared = loud.model_scores.keys() & plain.model_scores.keys()  # a good verdict runs fewer models
+        assert "classifier" in shared
+        assert {k: loud.model_scores[k] for k in shared} == pytest.approx({k: plain.model_scores[k] for k in shared})
         # (a good verdict skips the localisers that only report boxes: their scores are absent)
         assert quiet.model_scores == pytest.approx({k: plain.model_scores[k] for k in quiet.model_scores})
         assert engine.thresholds() == bundle

@@ -29,6 +29,7 @@ from lineside.export.train import (
     contexts,
     make_preprocessing,
     make_trainer,
+    refresh_batch_stats,
     resume_run,
     run_loop,
     seed_everything,
@@ -112,6 +113,12 @@ class ClassifierKind(ExportKind):
         def step(_: bool) -> float:
             return run(*_cls_batch(sampler, opts.batch_size, rng, True), True)
 
+        stats_sampler = TileSampler(train_images, size, prep.mean, np.random.default_rng(opts.seed + 2))
+
+        def stats_inputs() -> list[tuple[mx.nd.NDArray, ...]]:
+            tiles, _ = _cls_batch(stats_sampler, opts.batch_size, stats_sampler.rng, True)
+            return [(x,) for x in split_load(normalise_tiles(tiles, prep), ctxs)]
+
         def validate() -> float:
             return float(np.mean([run(*b, False) for b in val_batches]))
 
@@ -120,7 +127,8 @@ class ClassifierKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images), simulation=simulation,
         )  # fmt: skip
 
-        run_loop("classifier", opts, trainer, step, validate, checkpoint, clock, history, average)
+        refresh = partial(refresh_batch_stats, net, stats_inputs)
+        run_loop("classifier", opts, trainer, step, validate, checkpoint, clock, history, average, refresh)
         return opts.out
 
     def load(self, run: Path, record: RunRecord) -> tuple[Any, Any, str]:

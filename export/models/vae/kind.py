@@ -30,6 +30,7 @@ from lineside.export.train import (
     contexts,
     make_preprocessing,
     make_trainer,
+    refresh_batch_stats,
     resume_run,
     run_loop,
     seed_everything,
@@ -102,6 +103,12 @@ class VAEKind(ExportKind):
         def step(_: bool) -> float:
             return run(batch(sampler, rng, True), True)
 
+        stats_sampler = TileSampler(train_images, VAE_TILE, prep.mean, np.random.default_rng(opts.seed + 2))
+
+        def stats_inputs() -> list[tuple[mx.nd.NDArray, ...]]:
+            xs = split_load(normalise_tiles(batch(stats_sampler, stats_sampler.rng, True), prep), ctxs)
+            return [(x, mx.nd.random.normal(shape=(x.shape[0], latent, lat, lat), ctx=x.context)) for x in xs]
+
         def validate() -> float:
             return float(np.mean([run(b, False) for b in val_batches]))
 
@@ -110,7 +117,8 @@ class VAEKind(ExportKind):
             split=split, n_train=len(train_images), n_val=len(val_images),
         )  # fmt: skip
 
-        run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history, average)
+        refresh = partial(refresh_batch_stats, net, stats_inputs)
+        run_loop("vae", opts, trainer, step, validate, checkpoint, clock, history, average, refresh)
         return opts.out
 
     def post(self, net: mx.gluon.HybridBlock, record: RunRecord, bundle_dir: Path) -> KindPost:
