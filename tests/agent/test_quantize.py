@@ -20,6 +20,7 @@ from lineside.agent.bundle.loader import load_bundle, sha256_file
 from lineside.agent.errors import ExportError
 from lineside.agent.imaging import read_image
 from lineside.agent.inference.engine import InferenceEngine
+from lineside.agent.models.base import calibrated_score
 from lineside.export.quantize import MIN_ONNX, QuantizeOptions, quantize_bundle
 
 
@@ -241,8 +242,9 @@ def test_the_int8_vae_has_no_float_transposed_convolution_left(int8_bundle: tupl
     assert summary["models"]["vae"]["phase_convs"] == 4 and summary["models"]["ssd"]["phase_convs"] == 0
 
 
-def _borderline_copy(source: Path, int8: Path, target: Path) -> str:
-    """A copy of `source` deciding by the SSD alone, its threshold between a golden image's float32 and INT8 scores."""
+def _borderline_copy(source: Path, int8: Path, target: Path, on_boundary: bool = False) -> str:
+    """A copy of `source` deciding by the SSD alone, its threshold between a golden image's float32 and INT8 scores:
+    half-way, or (`on_boundary`) at the float32 score itself, so that float32 decides with a score of 0.5."""
     manifest = json.loads((source / "manifest.json").read_text())
     int8_scores = {
         g["file"]["path"]: g["expected_scores"]["ssd"]
@@ -252,6 +254,11 @@ def _borderline_copy(source: Path, int8: Path, target: Path) -> str:
     fp32_score, int8_score = golden["expected_scores"]["ssd"], int8_scores[golden["file"]["path"]]
     assert fp32_score != int8_score
     threshold = (fp32_score + int8_score) / 2
+    if on_boundary:  # float32 at 0.5 (defective) or just below it, INT8 across
+        threshold = fp32_score if int8_score < fp32_score else fp32_score * (1 + 1e-6)
+    # half-way, float32 must lie clear of the boundary (the golden tolerance), or it is no flip at all
+    golden_tolerance = golden.get("score_tolerance", 1e-3)
+    assert (abs(calibrated_score(fp32_score, threshold) - 0.5) <= golden_tolerance) == on_boundary
     shutil.copytree(source, target)
     manifest["decision"] = {"defective_if_any": ["ssd"], "report_boxes_from": ["ssd"]}
     manifest["models"]["ssd"]["thresholds"]["image"] = threshold
@@ -281,3 +288,21 @@ def test_a_golden_verdict_flipped_by_int8_refuses_the_bundle_unless_allowed(
     assert flips and any(flipped in f for f in flips)
     engine = InferenceEngine.load(tmp_path / "b")
     assert {s.quantization.golden_flips for s in engine.manifest.models.values()} == {len(flips)}  # type: ignore[union-attr]
+
+
+@needs_tools
+def test_a_golden_verdict_on_the_boundary_is_no_flip(int8_bundle: tuple[Path, dict], test_bundle: Path, tmp_path: Path):
+    # given a bundle whose SSD threshold is a golden image's float32 score: float32 decides it with 0.5, INT8
+    # just across (numeric noise either way, as the agent's golden check counts it)
+    borderline = _borderline_copy(test_bundle, int8_bundle[0], tmp_path / "boundary", on_boundary=True)
+    opts = QuantizeOptions(bundle=tmp_path / "boundary", out=tmp_path / "b", images=[test_bundle / "golden"])
+
+    # when it is quantised, flips not allowed
+    summary = quantize_bundle(opts)
+
+    # then it is written, with no golden flip, and its golden image records the INT8 verdict, which the agent proves
+    assert summary["golden_flips"] == []
+    engine = InferenceEngine.load(tmp_path / "b")
+    golden = next(g for g in engine.manifest.golden if g.file.path == borderline)
+    fp32 = {g["file"]["path"]: g for g in json.loads((tmp_path / "boundary" / "manifest.json").read_text())["golden"]}
+    assert golden.expected_is_defective != fp32[borderline]["expected_is_defective"]
