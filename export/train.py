@@ -297,8 +297,8 @@ def split_load(batch: np.ndarray, ctxs: list[mx.Context]) -> list[mx.nd.NDArray]
 
 
 # BatchNorm's running statistics (momentum 0.9) keep 0.9**k of their start (mean 0, variance 1) after k
-# steps. Before STATS_WARM_STEPS steps they are re-estimated at every checkpoint; after that training has
-# moved them to its activations' own.
+# steps. A run that ends before STATS_WARM_STEPS steps has them re-estimated at its last checkpoint; after
+# that many, training has moved them to its activations' own.
 STATS_WARM_STEPS = 50
 STATS_BATCHES = 20  # batches of a re-estimate: 0.9**20, 12 % of the statistics before it, is left
 
@@ -334,16 +334,17 @@ def run_loop(
     clock: TrainClock | None = None,
     history: list[dict[str, float]] | None = None,
     average: WeightAverage | None = None,
-    refresh_stats: Callable[[], None] | None = None,
+    refresh_stats: Callable[[int], None] | None = None,
 ) -> tuple[list[dict[str, float]], float]:
     """Epoch loop with tqdm progress; per-epoch mean train loss and validation loss.
 
     Ends after `opts.epochs` epochs (counting resumed ones) or when the clock's budget is used up, in
     the middle of an epoch if need be (that epoch is recorded as partial). After every epoch the run
     folder is complete (weights, record, optimiser state): it can be built from, or resumed. With an
-    `average`, it is updated after every step, and validation and the saved model use it. `refresh_stats`
-    re-estimates BatchNorm's running statistics, before validation, while fewer than STATS_WARM_STEPS steps
-    are done (`refresh_batch_stats`).
+    `average`, it is updated after every step, and validation and the saved model use it. `refresh_stats(n)`
+    re-estimates BatchNorm's running statistics on n batches (`refresh_batch_stats`) before the last
+    validation of a run that took fewer than STATS_WARM_STEPS steps; n is at most the steps taken, so a
+    tight budget is overrun by at most what it held (an earlier checkpoint of such a run keeps stale ones).
     """
     clock = clock or TrainClock(opts.minutes * 60 if opts.minutes else None)
     history = list(history or [])
@@ -378,8 +379,10 @@ def run_loop(
         else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
             (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
-            if refresh_stats is not None and trainer.optimizer.num_update < STATS_WARM_STEPS:
-                refresh_stats()
+            steps = trainer.optimizer.num_update
+            last = stopped == "budget" or epoch == opts.epochs
+            if refresh_stats is not None and last and 0 < steps < STATS_WARM_STEPS:
+                refresh_stats(min(STATS_BATCHES, steps))
             val_loss = validate()
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             seconds = clock.used()
