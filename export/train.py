@@ -84,8 +84,9 @@ class TrainClock:
         """Share of the budget used (0 without a budget)."""
         return self.used() / self.budget_s if self.budget_s else 0.0
 
-    def over(self) -> bool:
-        return self.budget_s is not None and self.used() >= self.budget_s
+    def over(self, reserve_s: float = 0.0) -> bool:
+        """True once the budget, less `reserve_s` kept for work that stopping now still needs, is used."""
+        return self.budget_s is not None and self.used() + reserve_s >= self.budget_s
 
     def __getstate__(self) -> dict[str, Any]:  # pickled with the optimiser: keep no live timer
         return {"budget_s": self.budget_s, "before": self.before, "started": 0.0}
@@ -303,6 +304,11 @@ STATS_WARM_STEPS = 50
 STATS_BATCHES = 20  # batches of a re-estimate: 0.9**20, 12 % of the statistics before it, is left
 
 
+def stats_batches(steps: int) -> int:
+    """Batches of the BatchNorm re-estimate a run needs if it ends after `steps` steps (0: none)."""
+    return min(STATS_BATCHES, steps) if 0 < steps < STATS_WARM_STEPS else 0
+
+
 def refresh_batch_stats(
     net: gluon.HybridBlock, inputs: Callable[[], list[tuple[mx.nd.NDArray, ...]]], batches: int = STATS_BATCHES
 ) -> None:
@@ -343,8 +349,9 @@ def run_loop(
     folder is complete (weights, record, optimiser state): it can be built from, or resumed. With an
     `average`, it is updated after every step, and validation and the saved model use it. `refresh_stats(n)`
     re-estimates BatchNorm's running statistics on n batches (`refresh_batch_stats`) before the last
-    validation of a run that took fewer than STATS_WARM_STEPS steps; n is at most the steps taken, so a
-    tight budget is overrun by at most what it held (an earlier checkpoint of such a run keeps stale ones).
+    validation of a run that took fewer than STATS_WARM_STEPS steps (an earlier checkpoint of such a run keeps
+    stale ones). A re-estimate batch costs about a training step (forward and backward), so the budget keeps
+    back n times the median step time of this session: a tight budget ends training earlier, and holds.
     """
     clock = clock or TrainClock(opts.minutes * 60 if opts.minutes else None)
     history = list(history or [])
@@ -352,6 +359,7 @@ def run_loop(
     if len(history) >= opts.epochs or clock.over():
         logger.info("%s: run already complete (%d epochs, %.0f s)", name, len(history), clock.used())
         return history, clock.used()
+    step_times: list[float] = []  # this session's, for the time a BatchNorm re-estimate will take
     for epoch in range(len(history) + 1, opts.epochs + 1):
         losses = []
         bar = tqdm(
@@ -362,11 +370,14 @@ def run_loop(
             disable=None,
         )
         for _ in bar:
+            started = time.perf_counter()
             losses.append(step(True))
             if average is not None:
                 average.update(trainer.optimizer.num_update)
+            step_times.append(time.perf_counter() - started)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if clock.over():
+            reserve = stats_batches(trainer.optimizer.num_update) * float(np.median(step_times))
+            if clock.over(reserve if refresh_stats is not None else 0.0):
                 stopped = "budget"
                 break
         train_loss = float(np.mean(losses))
@@ -379,10 +390,9 @@ def run_loop(
         else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
             (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
-            steps = trainer.optimizer.num_update
             last = stopped == "budget" or epoch == opts.epochs
-            if refresh_stats is not None and last and 0 < steps < STATS_WARM_STEPS:
-                refresh_stats(min(STATS_BATCHES, steps))
+            if refresh_stats is not None and last and stats_batches(trainer.optimizer.num_update):
+                refresh_stats(stats_batches(trainer.optimizer.num_update))
             val_loss = validate()
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             seconds = clock.used()

@@ -54,6 +54,39 @@ def test_schedule_warms_up_then_decays_by_steps_or_by_time() -> None:
     assert schedule(100) == pytest.approx(1e-5)
 
 
+def test_a_short_budget_keeps_time_for_the_batchnorm_re_estimate(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lineside.export.train import TrainClock, TrainOptions, run_loop
+
+    # given a loop whose steps take 50 ms and whose BatchNorm re-estimate takes as long per batch
+    # (a real one runs forward and backward, as a step does), and a budget of 1 s: about 20 steps
+    optimizer = SimpleNamespace(num_update=0)
+    trainer = SimpleNamespace(optimizer=optimizer, save_states=lambda path: Path(path).write_bytes(b"s"))
+    refreshed: list[int] = []
+
+    def step(_: bool) -> float:
+        time.sleep(0.05)
+        optimizer.num_update += 1
+        return 1.0
+
+    def refresh(batches: int) -> None:
+        refreshed.append(batches)
+        time.sleep(0.05 * batches)
+
+    opts = TrainOptions(out=tmp_path, epochs=5, iters_per_epoch=1000)
+    clock = TrainClock(budget_s=1.0)
+
+    # when it trains within the budget
+    history, seconds = run_loop("t", opts, trainer, step, lambda: 0.0, lambda *a, **k: None, clock, None, None, refresh)
+
+    # then the re-estimate ran once, on as many batches as steps, and the whole fits the budget: training
+    # stopped early enough (without the reserve it would train the full second, then re-estimate another)
+    assert len(history) == 1 and refreshed == [optimizer.num_update]
+    assert 5 <= optimizer.num_update <= 12
+    assert seconds < 1.0 + 0.15
+
+
 def test_a_budget_stops_training_mid_epoch_and_says_so(synth_set: tuple[Path, SynthSummary], tmp_path: Path) -> None:
     data, _ = synth_set
     out = tmp_path / "run"
