@@ -104,7 +104,8 @@ def test_a_budget_stops_training_mid_epoch_and_says_so(synth_set: tuple[Path, Sy
     assert record["training"]["params"]["stopped_by"] == "budget"
     assert record["training"]["params"]["planned_epochs"] == 1000
     assert len(record["history"]) < 1000
-    assert 4.0 <= record["training"]["seconds"] < 60.0
+    # the budget is used, less the slack of estimating the BatchNorm re-estimate it kept back (a short run)
+    assert 3.0 <= record["training"]["seconds"] < 60.0
     assert time.monotonic() - start < 240
     assert (out / "trainer.states").is_file()
 
