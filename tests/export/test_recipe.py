@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lineside.export.recipe import RECOMMENDED
 from lineside.export.synth import generate
 
 pytestmark = pytest.mark.export
@@ -76,6 +77,9 @@ def test_train_all_resumes_after_an_interruption_and_reports(recipe_data: Path, 
     # a 1-minute budget (the SSD's share: 31 s) holds no full SSD epoch: the report says so instead of staying silent
     assert report["trained"]["ssd"]["epochs"] == 1 and report["trained"]["ssd"]["stopped_by"] == "budget"
     assert any(w.startswith("ssd: the budget") and "barely trained" in w for w in report["warnings"])
+    # the recipe's SSD saves the moving average of its weights (raw ones kept beside it for resuming)
+    assert after["training"]["params"]["ema"] == RECOMMENDED["ssd"].ema > 0
+    assert (out / "runs" / "ssd" / "raw.params").is_file()
     # what the simulator drew on is on record
     simulated = after["training"]["params"]["simulation"]
     assert simulated["backgrounds"] > 0 and simulated["no_part"] == []
