@@ -52,21 +52,25 @@ def unflip(boxes: np.ndarray, shape: tuple[int, int], h: bool, v: bool) -> np.nd
     return out
 
 
-def passes(engine: InferenceEngine, samples: list[Sample], names: list[str]) -> dict[str, list[Detections]]:
+def passes(
+    engine: InferenceEngine, samples: list[Sample], names: list[str]
+) -> tuple[dict[str, list[Detections]], list[tuple[int, int]]]:
+    """Each pass's detections per image, in the frame's pixels, and each image's (height, width)."""
     out: dict[str, list[Detections]] = {n: [] for n in names}
+    shapes: list[tuple[int, int]] = []
     for s in samples:
         image = s.load()
+        shapes.append(image.shape[:2])
         for n in names:
             h, v = FLIPS[n]
             ssd = engine.analyze(flipped(image, h, v)).models["ssd"]
             out[n].append(Detections(unflip(ssd.boxes, image.shape[:2], h, v), ssd.scores))  # type: ignore[attr-defined]
-    return out
+    return out, shapes
 
 
-def as_outputs(samples: list[Sample], dets: list[Detections]) -> list[ModelOutputs]:
+def as_outputs(shapes: list[tuple[int, int]], dets: list[Detections]) -> list[ModelOutputs]:
     out = []
-    for s, d in zip(samples, dets, strict=True):
-        hw = s.load().shape[:2]
+    for hw, d in zip(shapes, dets, strict=True):
         ssd = SSDOutput(
             score=float(d.scores.max()) if d.scores.size else 0.0, boxes=d.boxes, scores=d.scores, image_hw=hw
         )
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = InferenceEngine.load(Path(args.bundle), providers=["cpu"])
     try:
         t0 = time.perf_counter()
-        val_p, test_p = passes(engine, val_s, names), passes(engine, test_s, names)
+        (val_p, val_hw), (test_p, test_hw) = passes(engine, val_s, names), passes(engine, test_s, names)
         per_pass_ms = (time.perf_counter() - t0) * 1000 / ((len(val_s) + len(test_s)) * len(names))
     finally:
         engine.close()
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         # one pass stays as the engine gave it (exactly what `evaluate` scores); several are fused
         val_f = [fuse([val_p[n][i] for n in s]) if len(s) > 1 else val_p[s[0]][i] for i in range(len(val_s))]
         test_f = [fuse([test_p[n][i] for n in s]) if len(s) > 1 else test_p[s[0]][i] for i in range(len(test_s))]
-        report("+".join(s), (val_s, as_outputs(val_s, val_f)), (test_s, as_outputs(test_s, test_f)))
+        report("+".join(s), (val_s, as_outputs(val_hw, val_f)), (test_s, as_outputs(test_hw, test_f)))
     return 0
 
 

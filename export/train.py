@@ -359,7 +359,7 @@ def run_loop(
     if len(history) >= opts.epochs or clock.over():
         logger.info("%s: run already complete (%d epochs, %.0f s)", name, len(history), clock.used())
         return history, clock.used()
-    step_times: list[float] = []  # this session's, for the time a BatchNorm re-estimate will take
+    step_times: list[float] = []  # this session's steps while short of STATS_WARM_STEPS: a re-estimate's cost
     for epoch in range(len(history) + 1, opts.epochs + 1):
         losses = []
         bar = tqdm(
@@ -374,10 +374,12 @@ def run_loop(
             losses.append(step(True))
             if average is not None:
                 average.update(trainer.optimizer.num_update)
-            step_times.append(time.perf_counter() - started)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            reserve = stats_batches(trainer.optimizer.num_update) * float(np.median(step_times))
-            if clock.over(reserve if refresh_stats is not None else 0.0):
+            # only a run still short of STATS_WARM_STEPS would need a re-estimate: only then is time kept back
+            batches = stats_batches(trainer.optimizer.num_update) if refresh_stats is not None else 0
+            if batches:
+                step_times.append(time.perf_counter() - started)
+            if clock.over(batches * float(np.median(step_times)) if batches else 0.0):
                 stopped = "budget"
                 break
         train_loss = float(np.mean(losses))
@@ -390,9 +392,9 @@ def run_loop(
         else:  # a run once trained with --ema goes on without: its raw.params would be stale from now on
             (opts.out / RAW_PARAMS_FILE).unlink(missing_ok=True)
         with average.applied() if average is not None else nullcontext():
-            last = stopped == "budget" or epoch == opts.epochs
-            if refresh_stats is not None and last and stats_batches(trainer.optimizer.num_update):
-                refresh_stats(stats_batches(trainer.optimizer.num_update))
+            batches = stats_batches(trainer.optimizer.num_update)
+            if refresh_stats is not None and batches and (stopped == "budget" or epoch == opts.epochs):
+                refresh_stats(batches)
             val_loss = validate()
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             seconds = clock.used()
